@@ -1,0 +1,140 @@
+"""Load a Stable Diffusion pipeline: the embedded default, a local folder or a hub id.
+
+Every spec goes through diffusers' `from_pretrained` with safetensors only, so
+the embedded model exercises the same path as SD 1.5, 2.1-base or SDXL.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "data" / "models"
+TINY = MODELS / "tiny-sd"
+TINY_CLIP = MODELS / "tiny-clip"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def resolve_spec(spec: str | os.PathLike) -> str:
+    """Map "tiny" to the embedded model folder; anything else passes through."""
+    spec = str(spec)
+    if spec == "tiny":
+        if not (TINY / "model_index.json").exists():
+            raise ModelNotFoundError(
+                f"the embedded default model is missing from {TINY}; restore data/models from git "
+                "or retrain it with `python -m sdwork.tiny.train`"
+            )
+        return str(TINY)
+    return spec
+
+
+def load_pipeline(spec: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, progress: bool = True):
+    """A diffusers pipeline on the CPU from "tiny", "tiny-random", a local folder or a hub id.
+
+    "tiny-random" builds the embedded architecture with random weights (seed 0),
+    for tests that must not depend on trained weights.
+    """
+    if str(spec) == "tiny-random":
+        return _random_tiny_pipeline(dtype)
+    from diffusers import DiffusionPipeline
+
+    source = resolve_spec(spec)
+    path = Path(source).expanduser()
+    local = path.exists()
+    if local:
+        if not (path / "model_index.json").exists():
+            raise ModelNotFoundError(
+                f"{path} is not a diffusers pipeline folder (no model_index.json); pass the folder that "
+                "save_pretrained wrote, for example one with unet/, vae/, text_encoder/, tokenizer/"
+            )
+    elif _looks_like_path(source):
+        raise ModelNotFoundError(f"no model folder at {path}; check the path or pass a hub id such as org/name")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(path) if local else source,
+            dtype=dtype,
+            use_safetensors=True,
+            local_files_only=local or _offline(),
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as e:
+        if local:
+            raise ModelNotFoundError(f"could not load the pipeline in {path}: {e}") from e
+        raise ModelNotFoundError(
+            f"could not load {source!r} from the Hugging Face hub ({'offline' if _offline() else 'online'}): "
+            f"download it first (huggingface-cli download {source}) and pass the local folder, "
+            f"or check the id. Cause: {str(e).splitlines()[0]}"
+        ) from e
+    pipe.set_progress_bar_config(disable=not progress)
+    pipe.model_spec = str(spec)
+    return pipe
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.count("/") != 1 or os.sep + os.sep in spec
+
+
+def _random_tiny_pipeline(dtype: torch.dtype):
+    from diffusers import StableDiffusionPipeline
+
+    from sdwork.tiny import dataset, models, tokenizer
+
+    folder = ROOT / "runs" / "tiny-random-tokenizer"
+    if not (folder / "vocab.json").exists():
+        tokenizer.build_tokenizer_files(dataset.vocabulary_words(), folder)
+    tok = tokenizer.load_tokenizer(folder, models.MAX_LENGTH)
+    torch.manual_seed(0)
+    pipe = StableDiffusionPipeline(
+        vae=models.build_vae(),
+        text_encoder=models.build_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id),
+        tokenizer=tok,
+        unet=models.build_unet(),
+        scheduler=models.build_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    pipe.model_spec = "tiny-random"
+    return pipe
+
+
+def components(pipe) -> dict[str, torch.nn.Module]:
+    """The pipeline's torch modules by name (text_encoder, unet, vae, ...)."""
+    return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+
+
+def round_weights_to_fp16(pipe):
+    """The fp16 baseline on CPU: every weight rounded to fp16, computed in fp32.
+
+    On CUDA or MPS one would instead run in fp16; on CPU fp16 kernels are slow
+    and less deterministic, so the rounding of the weights is what we keep.
+    """
+    with torch.no_grad():
+        for module in components(pipe).values():
+            for t in list(module.parameters()) + list(module.buffers()):
+                if t.is_floating_point():
+                    t.copy_(t.to(torch.float16).to(t.dtype))
+    return pipe
+
+
+def weights_hash(pipe) -> str:
+    """sha256 over every component's weights, in a stable order."""
+    h = hashlib.sha256()
+    for name, module in sorted(components(pipe).items()):
+        for k, v in sorted(module.state_dict().items()):
+            h.update(f"{name}.{k}:{tuple(v.shape)}:{v.dtype}".encode())
+            h.update(v.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,404 @@
+"""Train the embedded default model from scratch: `python -m sdwork.tiny.train`.
+
+Stages (each seeded, checkpointed under --work and resumable):
+  vae   AutoencoderKL on the training images (MSE + tiny KL, as SD's VAE)
+  unet  UNet2DConditionModel + CLIPTextModel on cached latents, noise-prediction
+        loss with min-SNR weighting, 10% empty captions for classifier-free
+        guidance, EMA weights
+  clip  CLIPModel scorer: contrastive over the training captions plus
+        one-attribute hard negatives
+  save  diffusers StableDiffusionPipeline + CLIPModel under --out (safetensors)
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from sdwork.tiny import dataset, models, tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "data" / "models"
+DEFAULT_WORK = ROOT / "runs" / "tiny-train"
+
+DEFAULTS = dict(
+    seed=0,
+    per_combo=128,
+    vae_steps=1500,
+    vae_batch=32,
+    vae_lr=1e-3,
+    unet_steps=6000,
+    unet_batch=64,
+    unet_lr=5e-4,
+    uncond_prob=0.1,
+    ema_decay=0.999,
+    min_snr_gamma=5.0,
+    clip_steps=1500,
+    clip_batch=128,
+    clip_lr=1e-3,
+    ckpt_every=250,
+)
+
+
+# ---------------------------------------------------------------- utilities
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Checkpoint:
+    """Periodic state saving; torch.load(weights_only=True) on resume."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def load(self):
+        if self.path.exists():
+            return torch.load(self.path, weights_only=True)
+        return None
+
+    def save(self, state: dict):
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.path)  # atomic: an interruption never leaves half a checkpoint
+
+
+def train_data(cfg: dict, work: Path) -> tuple[np.ndarray, list[str]]:
+    """The training images, rendered once and cached (reproducible from the seed)."""
+    cache = work / "train_images.npz"
+    if cache.exists():
+        z = np.load(cache)
+        return z["images"], [str(c) for c in z["captions"]]
+    train, _ = dataset.split_combinations()
+    images, captions = dataset.make_dataset(train, cfg["per_combo"], seed=cfg["seed"])
+    np.savez(cache, images=images, captions=np.array(captions))
+    return images, captions
+
+
+def get_tokenizer(work: Path):
+    folder = work / "tokenizer"
+    if not (folder / "vocab.json").exists():
+        tokenizer.build_tokenizer_files(dataset.vocabulary_words(), folder)
+    return tokenizer.load_tokenizer(folder, models.MAX_LENGTH)
+
+
+def token_ids(tok, texts: list[str]) -> torch.Tensor:
+    return tok(texts, padding="max_length", max_length=models.MAX_LENGTH, truncation=True, return_tensors="pt").input_ids
+
+
+def special_ids(tok) -> tuple[int, int, int]:
+    return len(tok), tok.bos_token_id, tok.eos_token_id
+
+
+def _loop(name, steps, start, progress, step_fn, ckpt_fn, every):
+    bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not progress)
+    loss_ema = None
+    for step in bar:
+        loss = step_fn(step)
+        loss_ema = loss if loss_ema is None else 0.98 * loss_ema + 0.02 * loss
+        bar.set_postfix(loss=f"{loss_ema:.4f}")
+        if (step + 1) % every == 0 or step + 1 == steps:
+            ckpt_fn(step + 1)
+    return loss_ema
+
+
+# ---------------------------------------------------------------- stage: vae
+def train_vae(cfg: dict, work: Path, progress: bool = True):
+    final = work / "vae_final.pt"
+    if final.exists():
+        return
+    images, _ = train_data(cfg, work)
+    torch.manual_seed(cfg["seed"])
+    vae = models.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
+    ck = Checkpoint(work / "vae.ckpt")
+    start = 0
+    if (state := ck.load()) is not None:
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    order_rng = np.random.default_rng(cfg["seed"] + 1)
+    batches = order_rng.integers(0, len(images), size=(cfg["vae_steps"], cfg["vae_batch"]))
+
+    def step_fn(step):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg["vae_steps"], cfg["vae_lr"])
+        x = to_tensor(images[batches[step]])
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def ckpt_fn(step):
+        ck.save(dict(model=vae.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(), step=step))
+
+    _loop("vae", cfg["vae_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    torch.save(vae.state_dict(), final)
+
+
+def load_vae(work: Path):
+    vae = models.build_vae()
+    vae.load_state_dict(torch.load(work / "vae_final.pt", weights_only=True))
+    return vae.eval()
+
+
+@torch.no_grad()
+def cache_latents(cfg: dict, work: Path) -> dict:
+    """Posterior mean and std of every training image, plus SD's scaling factor."""
+    path = work / "latents.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    images, _ = train_data(cfg, work)
+    vae = load_vae(work)
+    means, stds = [], []
+    for i in range(0, len(images), 256):
+        post = vae.encode(to_tensor(images[i : i + 256])).latent_dist
+        means.append(post.mean)
+        stds.append(post.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    sample = mean + std * torch.randn(mean.shape, generator=g)
+    out = dict(mean=mean, std=std, scaling_factor=float(1.0 / sample.std()))
+    torch.save(out, path)
+    return out
+
+
+# ---------------------------------------------------------------- stage: unet
+def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    snr = alphas_cumprod[t] / (1 - alphas_cumprod[t])
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def train_unet(cfg: dict, work: Path, progress: bool = True):
+    final = work / "unet_final.pt"
+    if final.exists():
+        return
+    from diffusers import DDPMScheduler
+
+    _, captions = train_data(cfg, work)
+    lat = cache_latents(cfg, work)
+    tok = get_tokenizer(work)
+    ids = token_ids(tok, captions)
+    empty = token_ids(tok, [""])[0]
+    torch.manual_seed(cfg["seed"])
+    unet = models.build_unet()
+    text = models.build_text_encoder(*special_ids(tok))
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["unet_lr"], weight_decay=1e-2)
+    ck = Checkpoint(work / "unet.ckpt")
+    start = 0
+    if (state := ck.load()) is not None:
+        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"])
+        ema_unet.load_state_dict(state["ema_unet"]), ema_text.load_state_dict(state["ema_text"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    sched = DDPMScheduler(**models.SCHEDULER_CONFIG)
+    acp = sched.alphas_cumprod
+    order_rng = np.random.default_rng(cfg["seed"] + 2)
+    batches = order_rng.integers(0, len(captions), size=(cfg["unet_steps"], cfg["unet_batch"]))
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
+
+    def step_fn(step):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg["unet_steps"], cfg["unet_lr"])
+        idx = torch.from_numpy(batches[step])
+        b = len(idx)
+        z = (lat["mean"][idx] + lat["std"][idx] * torch.randn(b, 4, 8, 8)) * lat["scaling_factor"]
+        noise = torch.randn_like(z)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,))
+        noisy = sched.add_noise(z, noise, t)
+        tokens = ids[idx].clone()
+        tokens[torch.rand(b) < cfg["uncond_prob"]] = empty
+        pred = unet(noisy, t, text(tokens)[0]).sample
+        per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per * _snr_weights(acp, t, cfg["min_snr_gamma"])).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg["ema_decay"], (1 + step) / (10 + step))  # warm-up so early EMA is not stuck at init
+            for pe, p in ema_pairs:
+                pe.lerp_(p, 1 - d)
+        return per.mean().item()
+
+    def ckpt_fn(step):
+        ck.save(
+            dict(
+                unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
+                ema_text=ema_text.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(), step=step,
+            )
+        )
+
+    _loop("unet", cfg["unet_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    torch.save(dict(unet=ema_unet.state_dict(), text=ema_text.state_dict()), final)
+
+
+# ---------------------------------------------------------------- stage: clip
+def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blur and noise so the scorer also reads decoded (softer, noisier) images."""
+    b = x.shape[0]
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    mix = torch.rand(b, 1, 1, 1, generator=g)
+    x = x * (1 - mix) + blurred * mix
+    return x + 0.08 * torch.rand(b, 1, 1, 1, generator=g) * torch.randn(x.shape, generator=g)
+
+
+def features(out) -> torch.Tensor:
+    """Projected CLIP features: transformers 5 wraps them in an output object."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_pixels(images_uint8: np.ndarray) -> torch.Tensor:
+    """CLIP input for our scorer: [-1, 1] NCHW, the same as its image processor gives."""
+    return to_tensor(images_uint8)
+
+
+def train_clip(cfg: dict, work: Path, progress: bool = True):
+    final = work / "clip_final.pt"
+    if final.exists():
+        return
+    images, captions = train_data(cfg, work)
+    tok = get_tokenizer(work)
+    train_combos, _ = dataset.split_combinations()
+    cand = [c.caption for c in train_combos]
+    cand_ids = token_ids(tok, cand)
+    label = {c: i for i, c in enumerate(cand)}
+    labels = torch.tensor([label[c] for c in captions])
+    torch.manual_seed(cfg["seed"] + 3)
+    clip = models.build_clip(*special_ids(tok))
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg["clip_lr"], weight_decay=1e-2)
+    ck = Checkpoint(work / "clip.ckpt")
+    start = 0
+    if (state := ck.load()) is not None:
+        clip.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        start = state["step"]
+    order_rng = np.random.default_rng(cfg["seed"] + 4)
+    batches = order_rng.integers(0, len(images), size=(cfg["clip_steps"], cfg["clip_batch"]))
+
+    def step_fn(step):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg["clip_steps"], cfg["clip_lr"])
+        gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + step)
+        idx = torch.from_numpy(batches[step])
+        x = _augment(clip_pixels(images[idx.numpy()]), gen)
+        img = F.normalize(features(clip.get_image_features(pixel_values=x)), dim=-1)
+        txt = F.normalize(features(clip.get_text_features(input_ids=cand_ids)), dim=-1)
+        logits = clip.logit_scale.exp() * img @ txt.T
+        # image -> caption over all training captions; caption -> image over the batch
+        y = labels[idx]
+        loss_i = F.cross_entropy(logits, y)
+        pos = (y[None, :] == torch.arange(len(cand))[:, None]).float()
+        present = pos.sum(1) > 0
+        logp = F.log_softmax(logits.T[present], dim=1)
+        loss_t = -(logp * pos[present]).sum(1).div(pos[present].sum(1)).mean()
+        loss = 0.5 * (loss_i + loss_t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
+        return loss.item()
+
+    def ckpt_fn(step):
+        ck.save(dict(model=clip.state_dict(), opt=opt.state_dict(), step=step))
+
+    _loop("clip", cfg["clip_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    torch.save(clip.state_dict(), final)
+
+
+# ---------------------------------------------------------------- stage: save
+def save_models(cfg: dict, work: Path, out: Path):
+    """Write data/models/tiny-sd (a diffusers pipeline) and data/models/tiny-clip."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPImageProcessor
+
+    tok = get_tokenizer(work)
+    lat = cache_latents(cfg, work)
+    vae = load_vae(work)
+    vae.register_to_config(scaling_factor=lat["scaling_factor"])
+    state = torch.load(work / "unet_final.pt", weights_only=True)
+    unet = models.build_unet()
+    unet.load_state_dict(state["unet"])
+    text = models.build_text_encoder(*special_ids(tok))
+    text.load_state_dict(state["text"])
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=models.build_scheduler(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    sd_dir, clip_dir = Path(out) / "tiny-sd", Path(out) / "tiny-clip"
+    pipe.save_pretrained(sd_dir, safe_serialization=True)
+    _copy_bpe_files(work, sd_dir / "tokenizer")
+
+    clip = models.build_clip(*special_ids(tok))
+    clip.load_state_dict(torch.load(work / "clip_final.pt", weights_only=True))
+    clip.save_pretrained(clip_dir, safe_serialization=True)
+    tok.save_pretrained(clip_dir)
+    _copy_bpe_files(work, clip_dir)
+    # maps uint8 images to [-1, 1] at 64x64, exactly what the scorer was trained on
+    CLIPImageProcessor(
+        do_resize=True, size={"shortest_edge": 64}, do_center_crop=True, crop_size={"height": 64, "width": 64},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
+    ).save_pretrained(clip_dir)
+    (Path(out) / "training_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _copy_bpe_files(work: Path, dest: Path):
+    # vocab.json/merges.txt beside tokenizer.json: the form older loaders and Apple's scripts read
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(work / "tokenizer" / name, dest / name)
+
+
+STAGES = {"vae": train_vae, "unet": train_unet, "clip": train_clip}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="vae,unet,clip,save", help="comma-separated: vae, unet, clip, save")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and caches (resume from here)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+    for k, v in DEFAULTS.items():
+        p.add_argument("--" + k.replace("_", "-"), type=type(v), default=v)
+    a = p.parse_args(argv)
+    cfg = {k: getattr(a, k) for k in DEFAULTS}
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    a.work.mkdir(parents=True, exist_ok=True)
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES) - {"save"}
+    if unknown:
+        p.error(f"unknown stage(s) {sorted(unknown)}; choose from vae, unet, clip, save")
+    for s in stages:
+        t0 = time.time()
+        if s == "save":
+            save_models(cfg, a.work, a.out)
+        else:
+            STAGES[s](cfg, a.work, progress=not a.no_progress)
+        print(f"[sdwork.tiny.train] stage {s} done in {time.time() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
