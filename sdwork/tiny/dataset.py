@@ -66,9 +66,9 @@ def split_combinations() -> tuple[list[Attrs], list[Attrs]]:
 
 def parse_caption(caption: str) -> Attrs:
     words = caption.split()
-    if len(words) != 7 or words[0] != "a" or words[4:6] != ["on", "a"] or words[6] != "background":
-        raise ValueError(f"not a dataset caption: {caption!r}")
-    attrs = Attrs(words[1], words[2], words[3], words[5])
+    if len(words) != 8 or words[0] != "a" or words[4:6] != ["on", "a"] or words[7] != "background":
+        raise ValueError(f"not a dataset caption: {caption!r}; expected 'a <size> <colour> <shape> on a <background> background'")
+    attrs = Attrs(words[1], words[2], words[3], words[6])
     for name, values in ATTRIBUTES.items():
         if getattr(attrs, name) not in values:
             raise ValueError(f"unknown {name} {getattr(attrs, name)!r} in {caption!r}")

@@ -2,6 +2,7 @@
 
 Stages (each seeded, checkpointed under --work and resumable):
   vae   AutoencoderKL on the training images (MSE + tiny KL, as SD's VAE)
+  vae_decoder  the decoder fine-tuned on the frozen encoder's latents
   unet  UNet2DConditionModel + CLIPTextModel on cached latents, noise-prediction
         loss with min-SNR weighting, 10% empty captions for classifier-free
         guidance, EMA weights
@@ -36,14 +37,17 @@ DEFAULTS = dict(
     vae_steps=1500,
     vae_batch=32,
     vae_lr=1e-3,
-    unet_steps=6000,
+    decoder_steps=1500,
+    decoder_batch=32,
+    decoder_lr=5e-4,
+    unet_steps=4000,
     unet_batch=64,
     unet_lr=5e-4,
     uncond_prob=0.1,
     ema_decay=0.999,
     min_snr_gamma=5.0,
-    clip_steps=1500,
-    clip_batch=128,
+    clip_steps=2500,
+    clip_batch=64,
     clip_lr=1e-3,
     ckpt_every=250,
 )
@@ -155,10 +159,57 @@ def train_vae(cfg: dict, work: Path, progress: bool = True):
     torch.save(vae.state_dict(), final)
 
 
-def load_vae(work: Path):
+def load_vae(work: Path, decoder: bool = True):
+    """The trained VAE; with `decoder`, its decoder fine-tuned on the frozen encoder's latents."""
     vae = models.build_vae()
     vae.load_state_dict(torch.load(work / "vae_final.pt", weights_only=True))
+    if decoder:
+        missing, unexpected = vae.load_state_dict(torch.load(work / "vae_decoder_final.pt", weights_only=True), strict=False)
+        assert not unexpected and all(k.startswith(("encoder.", "quant_conv.")) for k in missing)
     return vae.eval()
+
+
+# ---------------------------------------------------------------- stage: vae_decoder
+def train_vae_decoder(cfg: dict, work: Path, progress: bool = True):
+    """Sharpen the decoder with the encoder frozen (as SD's ft-MSE VAE): latents, and so
+    the UNet trained on them, stay valid."""
+    final = work / "vae_decoder_final.pt"
+    if final.exists():
+        return
+    images, _ = train_data(cfg, work)
+    lat = cache_latents(cfg, work)
+    torch.manual_seed(cfg["seed"] + 5)
+    vae = load_vae(work, decoder=False).train()
+    params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg["decoder_lr"], weight_decay=0.0)
+    ck = Checkpoint(work / "vae_decoder.ckpt")
+    start = 0
+    if (state := ck.load()) is not None:
+        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    order_rng = np.random.default_rng(cfg["seed"] + 5)
+    batches = order_rng.integers(0, len(images), size=(cfg["decoder_steps"], cfg["decoder_batch"]))
+
+    def step_fn(step):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg["decoder_steps"], cfg["decoder_lr"], warmup=50)
+        idx = torch.from_numpy(batches[step])
+        z = lat["mean"][idx] + lat["std"][idx] * torch.randn(len(idx), 4, 8, 8)
+        x = to_tensor(images[batches[step]])
+        recon = vae.decode(z).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    def ckpt_fn(step):
+        ck.save(dict(model=vae.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(), step=step))
+
+    _loop("vae_decoder", cfg["decoder_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    dec = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+    torch.save(dec, final)
 
 
 @torch.no_grad()
@@ -168,7 +219,7 @@ def cache_latents(cfg: dict, work: Path) -> dict:
     if path.exists():
         return torch.load(path, weights_only=True)
     images, _ = train_data(cfg, work)
-    vae = load_vae(work)
+    vae = load_vae(work, decoder=False)
     means, stds = [], []
     for i in range(0, len(images), 256):
         post = vae.encode(to_tensor(images[i : i + 256])).latent_dist
@@ -370,12 +421,12 @@ def _copy_bpe_files(work: Path, dest: Path):
         shutil.copy(work / "tokenizer" / name, dest / name)
 
 
-STAGES = {"vae": train_vae, "unet": train_unet, "clip": train_clip}
+STAGES = {"vae": train_vae, "vae_decoder": train_vae_decoder, "unet": train_unet, "clip": train_clip}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default="vae,unet,clip,save", help="comma-separated: vae, unet, clip, save")
+    p.add_argument("--stages", default="vae,vae_decoder,unet,clip,save", help="comma-separated: vae, vae_decoder, unet, clip, save")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and caches (resume from here)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
@@ -390,7 +441,7 @@ def main(argv=None):
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES) - {"save"}
     if unknown:
-        p.error(f"unknown stage(s) {sorted(unknown)}; choose from vae, unet, clip, save")
+        p.error(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}, save")
     for s in stages:
         t0 = time.time()
         if s == "save":

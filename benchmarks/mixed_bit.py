@@ -1,0 +1,123 @@
+"""Mixed-bit against uniform palettization of the UNet at equal or smaller size (issue 7).
+
+    python benchmarks/mixed_bit.py [--model tiny] [--out runs/mixed-bit-bench] [--objective latent_mse]
+
+Runs the whole study on the embedded model: uniform 4-bit and 3-bit UNet recipes (per-tensor and
+g=16) through the sweep engine; the per-layer sensitivity analysis (cached: a rerun resumes);
+mixed-bit recipes (greedy and Apple's cumulative method) no larger than the smaller uniform
+package at each bit width; every recipe compressed, sized exactly from its package and scored
+against the fp16 baseline on held-out prompts (20 steps). Prints each variant against the
+reference measured in the same run (uniform 4-bit per-tensor): size ratio, PSNR and SSIM
+differences, and whether each mixed recipe beats both uniform 4-bit recipes on PSNR and SSIM.
+Writes <out>/report.json beside the sweep's results.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # coremltools' k-means can hang with several OpenMP workers
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sdwork import mixedbit as mb  # noqa: E402
+from sdwork.generate import GenSettings  # noqa: E402
+from sdwork.recipe import LayerSpec  # noqa: E402
+from sdwork.sensitivity import ProbeSettings, Sensitivity, SensitivityConfig  # noqa: E402
+from sdwork.sweep import SweepConfig, prepare  # noqa: E402
+
+HELD_OUT = [  # the default sweep's held-out prompts (data/grids/default.yaml)
+    "a small green circle on a black background", "a small yellow triangle on a white background",
+    "a large red square on a white background", "a large purple triangle on a black background",
+    "a large orange circle on a gray background", "a small purple circle on a gray background",
+]
+REFERENCE = "km4-pt-unet-sdwork"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--out", type=Path, default=Path("runs/mixed-bit-bench"))
+    p.add_argument("--scorer", default="tiny", help="CLIP scorer; 'none' for PSNR/SSIM only")
+    p.add_argument("--objective", default="latent_mse", choices=mb.OBJECTIVES)
+    p.add_argument("--probe-steps", type=int, default=4)
+    p.add_argument("--probe-seeds", type=int, default=1)
+    p.add_argument("--no-apple", action="store_true", help="skip Apple's method (and its cumulative pass)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--engine", default="sdwork", choices=["sdwork", "coremltools"])
+    a = p.parse_args()
+    t0 = time.perf_counter()
+    scorer = None if a.scorer == "none" else a.scorer
+    uniform = [mb.uniform_recipe(b, g, engine=a.engine) for b in a.bits for g in (None, 16)]
+    settings = GenSettings(prompts=HELD_OUT, seeds=tuple(range(a.seeds)), steps=a.steps, guidance=5.0, threads=1)
+    ctx = prepare(SweepConfig(a.model, uniform, settings, scorer), a.out)
+    results = mb.add_rows(ctx, [(r, dict(method="uniform")) for r in uniform])
+    t_uniform = time.perf_counter()
+
+    probe = ProbeSettings(seeds=tuple(range(a.probe_seeds)), steps=a.probe_steps)
+    sens = Sensitivity(SensitivityConfig(model=a.model, probe=probe), a.out, pipe=ctx.pipe)
+    table = sens.run()
+    methods = ("greedy",) if a.no_apple else ("greedy", "apple")
+    cumulative = None if a.no_apple else sens.run_cumulative()
+    t_sens = time.perf_counter()
+
+    unet_bytes = results[results["method"] == "uniform"].groupby("nbits")["bytes_unet"].min()
+    budgets = {f"{b}-bit": (int(unet_bytes[b]), LayerSpec(b)) for b in a.bits}
+    entries = mb.mixed_recipes(sens, table, ctx.fp16_packages["unet"], ctx.weight_maps["unet"], budgets, methods,
+                               cumulative, a.objective, a.engine)
+    results = mb.add_rows(ctx, entries)
+    t_end = time.perf_counter()
+
+    report = summarise(results, uniform_names=[r.name for r in uniform], mixed_names=[r.name for r, _ in entries])
+    report.update(model=a.model, objective=a.objective, layers=len(sens.layers), sensitivity_rows=len(table),
+                  seconds=dict(uniform=round(t_uniform - t0), sensitivity=round(t_sens - t_uniform),
+                               mixed=round(t_end - t_sens)))
+    (a.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print_report(report)
+
+
+def summarise(results, uniform_names, mixed_names) -> dict:
+    df = results.set_index("name")
+    ref = df.loc[REFERENCE]
+    rows = []
+    for name in list(dict.fromkeys(uniform_names + mixed_names)):
+        r = df.loc[name]
+        rows.append(dict(name=name, method=r.get("method"), target=r.get("target"), bits=float(r["bits_per_weight"]),
+                         bytes_unet=int(r["bytes_unet"]), size_ratio=r["bytes_unet"] / ref["bytes_unet"],
+                         psnr=float(r["psnr"]), ssim=float(r["ssim"]), d_psnr=float(r["psnr"] - ref["psnr"]),
+                         d_ssim=float(r["ssim"] - ref["ssim"]),
+                         clip=float(r["clip_image_image"]) if "clip_image_image" in r else None,
+                         probe_latent_psnr=r.get("probe_latent_psnr")))
+    four = [df.loc[n] for n in uniform_names if df.loc[n, "nbits"] == 4]
+    verdicts = {}
+    for name in dict.fromkeys(mixed_names):
+        m = df.loc[name]
+        verdicts[name] = all(m["bytes_unet"] <= u["bytes_unet"] and m["psnr"] > u["psnr"] and m["ssim"] > u["ssim"]
+                             for u in four)
+    return dict(reference=REFERENCE, rows=rows, beats_uniform_4bit=verdicts)
+
+
+def print_report(rep: dict) -> None:
+    print(f"\nreference: {rep['reference']} (measured in this run); model {rep['model']}, "
+          f"{rep['layers']} layers, {rep['sensitivity_rows']} sensitivity rows, objective {rep['objective']}")
+    head = f"{'variant':34s} {'method':8s} {'target':6s} {'bits':>6s} {'size/ref':>8s} {'PSNR':>7s} {'dPSNR':>7s} " \
+           f"{'SSIM':>7s} {'dSSIM':>8s} {'CLIP':>7s}"
+    print(head)
+    for r in rep["rows"]:
+        clip = f"{r['clip']:.4f}" if r["clip"] is not None else "-"
+        print(f"{r['name'][:34]:34s} {str(r['method']):8s} {str(r['target'] or '')[:6]:6s} {r['bits']:6.3f} "
+              f"{r['size_ratio']:8.4f} {r['psnr']:7.2f} {r['d_psnr']:+7.2f} {r['ssim']:7.4f} {r['d_ssim']:+8.4f} {clip:>7s}")
+    for name, ok in rep["beats_uniform_4bit"].items():
+        print(f"{name}: {'beats' if ok else 'does NOT beat'} uniform 4-bit per-tensor and g=16 on PSNR and SSIM "
+              "at equal or smaller size")
+    print("seconds:", rep["seconds"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""Apply a Recipe to converted fp16 packages and write the compressed packages.
+
+Three engines, chosen by `recipe.engine`:
+  "coremltools"  ct.optimize.coreml.palettize_weights on the Core ML program (the reference);
+  "sdwork"       sdwork.kmeans1d.palettize_mlmodel, a faster drop-in for the same call;
+  "torch"        coremltools.optimize.torch's PostTrainingPalettizer on the torch modules,
+                 then conversion through sdwork.convert (the LUTs become constexpr ops).
+
+coremltools skips a weight it cannot palettize with only a log warning; we
+record those warnings and, from the written package, list every weight left
+dense with the reason (see `uncompressed_layers`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdwork.recipe import Recipe
+from sdwork.sizes import PackageSizes, package_sizes
+
+PACKAGE_NAMES = {
+    "text_encoder": "TextEncoder",
+    "unet": "Unet",
+    "vae_decoder": "VAEDecoder",
+    "vae_encoder": "VAEEncoder",
+}
+# torch submodules (of the pipeline) that make up each converted component
+TORCH_MODULES = {
+    "text_encoder": ("text_encoder",),
+    "unet": ("unet",),
+    "vae_decoder": ("vae.post_quant_conv", "vae.decoder"),
+    "vae_encoder": ("vae.encoder", "vae.quant_conv"),
+}
+_TARGETS = {"iOS16": 7, "iOS17": 8, "iOS18": 9}  # specificationVersion of each deployment target
+
+
+class EngineUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass
+class Compressed:
+    recipe: Recipe
+    packages: dict[str, Path]  # every component: compressed ones in out_dir, the others the fp16 originals
+    sizes: dict[str, PackageSizes]
+    warnings: dict[str, list[str]] = field(default_factory=dict)  # engine log lines per component
+    seconds: float = 0.0
+
+
+def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None, progress: bool = True) -> Compressed:
+    """Palettize `recipe.components` of `fp16_packages` into `out_dir`; `pipe` (the fp16-rounded
+    torch pipeline) is needed by the torch engine only."""
+    missing = [c for c in recipe.components if c not in fp16_packages]
+    if missing:
+        raise ValueError(
+            f"recipe {recipe.name} compresses {missing} but no converted package was given for them; "
+            f"convert them first (sdwork.convert.convert_pipeline(..., components={list(recipe.components)}))"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for comp in recipe.components:
+        _check_target(fp16_packages[comp], recipe)
+    _check_overrides(recipe, fp16_packages)
+    t0 = time.perf_counter()
+    if recipe.engine == "torch":
+        written, warnings = _compress_torch(recipe, pipe, out_dir, progress)
+    else:
+        written, warnings = {}, {}
+        for comp in recipe.components:
+            dst = out_dir / f"{PACKAGE_NAMES[comp]}.mlpackage"
+            warnings[comp] = _compress_coreml(recipe, fp16_packages[comp], dst, progress)
+            _copy_sidecars(fp16_packages[comp], dst)
+            written[comp] = dst
+    seconds = time.perf_counter() - t0
+    packages = {**fp16_packages, **written}
+    sizes = {c: package_sizes(p) for c, p in packages.items()}
+    return Compressed(recipe, packages, sizes, warnings, seconds)
+
+
+# --- Core ML side -------------------------------------------------------------------
+
+
+def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool) -> list[str]:
+    import coremltools as ct
+
+    palettize = _engine_function(recipe.engine)
+    ml = ct.models.MLModel(str(src), skip_model_load=True)
+    with _captured_log("coremltools") as lines, _omp_single_thread(), _coremltools_progress(progress):
+        try:
+            out = palettize(ml, recipe.to_coreml_config(), progress=progress) if recipe.engine == "sdwork" else \
+                palettize(ml, recipe.to_coreml_config())
+        except NotImplementedError as e:
+            raise EngineUnavailableError(
+                f"engine 'sdwork' does not cover recipe {recipe.name}: {e}; run it with engine='coremltools'"
+            ) from e
+    if dst.exists():
+        shutil.rmtree(dst)
+    out.save(str(dst))
+    return lines
+
+
+def _engine_function(engine: str):
+    if engine == "coremltools":
+        import coremltools.optimize.coreml as cto
+
+        return cto.palettize_weights
+    import importlib
+
+    for module in ("sdwork.kmeans1d", "sdwork.palettize_fast"):  # where the fast engine may live
+        try:
+            return importlib.import_module(module).palettize_mlmodel
+        except (ImportError, AttributeError):
+            continue
+    raise EngineUnavailableError(
+        "engine 'sdwork' needs palettize_mlmodel from sdwork.kmeans1d (or sdwork.palettize_fast), which this "
+        "checkout does not have yet; use engine='coremltools'"
+    )
+
+
+def _check_target(package: Path, recipe: Recipe) -> None:
+    from coremltools.proto import Model_pb2
+
+    from sdwork.sizes import MODEL
+
+    spec = Model_pb2.Model()
+    spec.ParseFromString((Path(package) / MODEL).read_bytes())
+    if spec.specificationVersion < _TARGETS[recipe.min_target]:
+        raise ValueError(
+            f"recipe {recipe.name} needs deployment target {recipe.min_target}, but {package} was converted for an "
+            f"older one (spec version {spec.specificationVersion}); re-convert with target='{recipe.min_target}'"
+        )
+
+
+def _check_overrides(recipe: Recipe, packages: dict[str, Path]) -> None:
+    if not recipe.overrides:
+        return
+    names = {l.name for c in recipe.components for l in package_sizes(packages[c]).layers}
+    unknown = [k for k, _ in recipe.overrides if k not in names]
+    if unknown:
+        raise ValueError(
+            f"recipe overrides name ops that are not weights of {list(recipe.components)}: {unknown[:5]}; "
+            "use the Core ML const names from the weight map (sdwork.convert.load_weight_map)"
+        )
+
+
+def _copy_sidecars(src: Path, dst: Path) -> None:
+    """Copy the files written beside a package (its weight map) next to the compressed one."""
+    stem = src.name.removesuffix(".mlpackage")
+    for f in src.parent.iterdir():
+        if f.is_file() and f.name.startswith(stem + "."):
+            shutil.copy2(f, dst.parent / f.name)
+
+
+class _captured_log:
+    """Collect a logger's records (coremltools reports skipped layers only as warnings)."""
+
+    def __init__(self, name: str):
+        self.logger, self.lines = logging.getLogger(name), []
+
+    def __enter__(self):
+        self.handler = logging.Handler(logging.WARNING)
+        self.handler.emit = lambda record: self.lines.append(record.getMessage())
+        self.logger.addHandler(self.handler)
+        return self.lines
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+
+
+@contextlib.contextmanager
+def _coremltools_progress(progress: bool):
+    """coremltools draws tqdm bars with no switch to turn them off: swap in disabled ones."""
+    if progress:
+        yield
+        return
+    from unittest import mock
+
+    from tqdm import tqdm
+
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+    from coremltools.optimize.coreml import _quantization_passes
+
+    quiet = functools.partial(tqdm, disable=True)
+    with mock.patch.object(_quantization_passes, "tqdm", quiet), mock.patch.object(pass_pipeline, "tqdm", quiet):
+        yield
+
+
+def _omp_single_thread():
+    """coremltools' k-means (scikit-learn) can hang with several OpenMP threads here."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
+
+
+# --- torch side ---------------------------------------------------------------------
+
+
+def _compress_torch(recipe: Recipe, pipe, out_dir: Path, progress: bool):
+    if pipe is None:
+        raise ValueError("engine 'torch' palettizes the torch modules: pass pipe= (the fp16-rounded pipeline)")
+    try:
+        from sdwork.convert import convert_pipeline
+    except ImportError as e:
+        raise EngineUnavailableError(f"engine 'torch' converts through sdwork.convert, not available: {e}") from e
+    from coremltools.optimize.torch.palettization import PostTrainingPalettizer
+
+    from sdwork.convert import WeightMapError
+
+    work = copy.deepcopy(pipe)
+    with _captured_log("coremltools") as lines, _omp_single_thread(), _quiet_torch_kmeans(progress):
+        for comp in recipe.components:
+            for path in TORCH_MODULES[comp]:
+                module = _get(work, path)
+                skip = _small_modules(module, recipe.weight_threshold)
+                PostTrainingPalettizer(module, recipe.to_torch_config(skip)).compress(inplace=True)
+        try:
+            # iOS18: the lowest target that holds every recipe (grouped LUTs, 3 bits)
+            written = convert_pipeline(work, out_dir, components=recipe.components, target="iOS18", progress=progress)
+        except WeightMapError as e:
+            raise EngineUnavailableError(
+                "engine 'torch': sdwork.convert could not map the torch-side palettized weights "
+                f"(coremltools names their LUT ops <param>_cast_fp16). Cause: {e}. Use engine='coremltools' or 'sdwork'"
+            ) from e
+    return {c: Path(written[c]) for c in recipe.components}, {c: list(lines) for c in recipe.components}
+
+
+@contextlib.contextmanager
+def _quiet_torch_kmeans(progress: bool):
+    """The torch-side k-means logs every block at INFO: keep warnings only unless progress is wanted."""
+    log = logging.getLogger("coremltools.optimize.torch")
+    level = log.level
+    if not progress:
+        log.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _small_modules(module, threshold: int) -> tuple[str, ...]:
+    """Modules whose weight has <= threshold elements: the Core ML side leaves these dense."""
+    import torch
+
+    return tuple(
+        name for name, m in module.named_modules()
+        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() <= threshold
+    )
+
+
+# --- what stayed dense, and why ----------------------------------------------------
+
+
+def uncompressed_layers(result: Compressed, weight_maps: dict[str, dict[str, str]] | None = None) -> list[dict]:
+    """Every weight of a compressed component still stored dense, with the reason."""
+    recipe, out = result.recipe, []
+    overrides = dict(recipe.overrides)
+    for comp in recipe.components:
+        names = {v: k for k, v in (weight_maps or {}).get(comp, {}).items()}
+        engine_msgs = _messages_by_op(result.warnings.get(comp, []))
+        for layer in result.sizes[comp].layers:
+            if layer.compressed:
+                continue
+            is_param = layer.name in names if weight_maps else True
+            reason, kind = _reason(layer, recipe, overrides, engine_msgs, is_param)
+            out.append(dict(component=comp, name=layer.name, torch_name=names.get(layer.name), shape=list(layer.shape),
+                            numel=layer.numel, kind=kind, reason=reason))
+    return out
+
+
+def _reason(layer, recipe: Recipe, overrides: dict, engine_msgs: dict, is_param: bool) -> tuple[str, str]:
+    reason, kind = _derived_reason(layer, recipe, overrides, is_param)
+    msgs = engine_msgs.get(layer.name)
+    if kind == "engine" and msgs:
+        return " ".join(msgs), kind
+    return (f"{reason} (engine: {msgs[0]})" if msgs else reason), kind
+
+
+def _derived_reason(layer, recipe: Recipe, overrides: dict, is_param: bool) -> tuple[str, str]:
+    if layer.name in overrides and overrides[layer.name] is None:
+        return "left fp16 by a recipe override", "override"
+    spec = overrides.get(layer.name)
+    gran, group = (recipe.granularity, recipe.group_size) if spec is None else (spec.granularity, spec.group_size)
+    if len(layer.shape) <= 1:
+        return "1-D tensor (coremltools never palettizes these)", "one_d"
+    if layer.numel <= recipe.weight_threshold:
+        return f"{layer.numel} elements <= weight_threshold {recipe.weight_threshold}", "below_threshold"
+    axis = _output_axis(layer)
+    channels = layer.shape[axis]
+    if gran == "per_grouped_channel" and channels % group:
+        return f"{channels} output channels not divisible by group_size {group}", "channels_not_divisible"
+    if recipe.cluster_dim > 1 and channels % recipe.cluster_dim:
+        return f"{channels} output channels not divisible by cluster_dim {recipe.cluster_dim}", "cluster_dim"
+    if recipe.engine == "torch" and not is_param:
+        return "a constant, not a module weight: the torch engine palettizes module weights only", "engine"
+    return f"left dense by engine '{recipe.engine}' without a logged reason", "engine"
+
+
+def _output_axis(layer) -> int:
+    """The axis coremltools groups channels along: 1 for conv_transpose, the last for matmul's y, else 0."""
+    kinds = {t for t, _ in layer.consumers}
+    if "conv_transpose" in kinds:
+        return 1
+    if ("matmul", "y") in layer.consumers:
+        return len(layer.shape) - 1
+    return 0
+
+
+def _messages_by_op(lines: list[str]) -> dict[str, list[str]]:
+    """coremltools logs the reason first, then 'Cannot perform palettization on <op>': pair them."""
+    out, pending = {}, []
+    for line in lines:
+        if " on " in line and ("Skipped" in line or "Cannot" in line):
+            op = line.split(" on ", 1)[1].split()[0].rstrip(".")
+            out.setdefault(op.removesuffix("_palettized"), []).extend(pending + [line])
+            pending = []
+        elif "palettiz" in line.lower():
+            pending.append(line)
+    return out
+
+
+def summarise_uncompressed(layers: list[dict]) -> dict[str, dict]:
+    """Count and element total of dense weights per kind of reason."""
+    out: dict[str, dict] = {}
+    for l in layers:
+        s = out.setdefault(l["kind"], dict(layers=0, weights=0))
+        s["layers"] += 1
+        s["weights"] += l["numel"]
+    return out

@@ -1,0 +1,188 @@
+"""torch.export + ct.convert of each pipeline component into an fp16 ML Program package.
+
+torch.jit.trace is broken with numpy 2.4 in coremltools 9.0, so every component
+goes through torch.export(...).run_decompositions({}) (see shared/REFERENCE.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sdwork.convert import components as C
+from sdwork.convert.package_io import package_weights, set_metadata
+from sdwork.convert.tokenizer_files import write_tokenizer_files
+from sdwork.convert.weightmap import build_weight_map, sidecar
+
+FORMAT_VERSION = "1"
+
+
+def convert_pipeline(pipe, out_dir, components=C.COMPONENTS, target: str = "iOS18", unet_batch: int = 2,
+                     progress: bool = True) -> dict[str, Path]:
+    """Convert the pipeline's components to <out_dir>/<Name>.mlpackage (+ weight maps, tokenizer files).
+
+    Returns {component: package path}; the tokenizer files are written when the pipeline has one.
+    """
+    components = C.check_components(components)
+    _check_target(target)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if getattr(pipe, "tokenizer", None) is not None:
+        write_tokenizer_files(pipe.tokenizer, out_dir)
+    paths = {}
+    for comp in tqdm(components, desc="convert", disable=not progress):
+        paths[comp] = convert_component(pipe, comp, out_dir, target=target, unet_batch=unet_batch, progress=progress)
+    return paths
+
+
+def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet_batch: int = 2,
+                      progress: bool = True) -> Path:
+    """Export, convert, verify the weight map and save one component; returns the package path."""
+    sp = C.spec(component)
+    _check_target(target)
+    module = C.torch_module(pipe, component)
+    shapes = C.Shapes.of(pipe, unet_batch)
+    _check_float32(module, component)
+    wrapper = sp.wrapper(module)
+    with _eval(module), torch.no_grad():
+        ep = export(wrapper, sp.inputs(shapes))
+    placeholders = _placeholders(ep, wrapper, module)
+    mlmodel = to_coreml(ep, sp.inputs(shapes), sp.outputs(shapes), target, progress)
+    del ep
+    wm = build_weight_map(component, sp.module, C.owned_parameters(pipe, component), placeholders,
+                          package_weights(mlmodel))
+    describe(mlmodel, sp, shapes)
+    set_metadata(mlmodel, {
+        "format": FORMAT_VERSION,
+        "component": component,
+        "model": str(getattr(pipe, "model_spec", getattr(pipe, "name_or_path", "?"))),
+        "target": target,
+        "shapes": json.dumps(shapes.__dict__),
+        "weightmap": wm.to_json(indent=None),
+    })
+    path = Path(out_dir) / sp.package
+    _save(mlmodel, path)
+    sidecar(path).write_text(wm.to_json())
+    return path
+
+
+# ------------------------------------------------------------------ steps
+def export(wrapper: torch.nn.Module, inputs: list[C.Tensor]):
+    args = tuple(example_input(t) for t in inputs)
+    return torch.export.export(wrapper, args).run_decompositions({})
+
+
+def example_input(t: C.Tensor) -> torch.Tensor:
+    # tracing needs values of the right shape only; fixed seed keeps it deterministic
+    g = torch.Generator().manual_seed(0)
+    if t.dtype == np.int32:
+        return torch.randint(0, 2, t.shape, generator=g, dtype=torch.int32)
+    if t.name == "timestep":
+        return torch.full(t.shape, 500.0)
+    return torch.randn(t.shape, generator=g)
+
+
+def to_coreml(ep, inputs: list[C.Tensor], outputs: list[C.Tensor], target: str, progress: bool = True):
+    import coremltools as ct
+
+    register_alias_op()
+    with _coremltools_progress(progress):
+        return ct.convert(
+            ep,
+            convert_to="mlprogram",
+            minimum_deployment_target=getattr(ct.target, target),
+            compute_precision=ct.precision.FLOAT16,
+            inputs=[ct.TensorType(name=t.name, shape=t.shape, dtype=t.dtype) for t in inputs],
+            outputs=[ct.TensorType(name=t.name, dtype=t.dtype) for t in outputs],
+            skip_model_load=True,  # no Core ML runtime on Linux; on macOS loading compiles (slow)
+        )
+
+
+def describe(mlmodel, sp: C.Component, shapes: C.Shapes) -> None:
+    mlmodel.short_description = sp.description
+    for t in sp.inputs(shapes):
+        mlmodel.input_description[t.name] = t.description
+    for t in sp.outputs(shapes):
+        mlmodel.output_description[t.name] = t.description
+
+
+@functools.cache
+def register_alias_op() -> None:
+    """coremltools 9.0 registers aten alias_copy but not alias (CLIPTextModel's position_ids
+    buffer emits it): alias is a pass-through, so register it as one."""
+    from coremltools.converters.mil.frontend.torch.ops import _get_inputs
+    from coremltools.converters.mil.frontend.torch.torch_op_registry import _TORCH_OPS_REGISTRY, register_torch_op
+
+    if _TORCH_OPS_REGISTRY.get_func("alias") is not None:
+        return
+
+    @register_torch_op
+    def alias(context, node):
+        x = _get_inputs(context, node, expected=1)[0]
+        context.add(x, torch_name=node.name)
+
+
+# ------------------------------------------------------------------ helpers
+def _placeholders(ep, wrapper: torch.nn.Module, module: torch.nn.Module) -> dict[str, str]:
+    """Exported placeholder name (p_<attr>_<param>) -> parameter name relative to the pipeline module."""
+    relative = {id(p): n for n, p in module.named_parameters()}
+    in_wrapper = dict(wrapper.named_parameters())
+    return {ph: relative[id(in_wrapper[fqn])] for ph, fqn in ep.graph_signature.inputs_to_parameters.items()}
+
+
+def _check_target(target: str) -> None:
+    import coremltools as ct
+
+    ok = [t.name for t in ct.target if t.name.startswith("iOS") and int(t.name[3:]) >= 16]
+    if target not in ok:
+        raise ValueError(f"unknown or unsupported target {target!r}; choose from {', '.join(ok)} "
+                         "(iOS18 is needed for per-grouped-channel LUTs)")
+
+
+def _check_float32(module: torch.nn.Module, component: str) -> None:
+    dtypes = {p.dtype for p in module.parameters()}
+    if dtypes != {torch.float32}:
+        raise ValueError(f"{component} has {sorted(map(str, dtypes))} weights; load the pipeline in float32 "
+                         "(load_pipeline's default): conversion rounds to fp16 itself")
+
+
+@contextlib.contextmanager
+def _eval(module: torch.nn.Module):
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+@contextlib.contextmanager
+def _coremltools_progress(progress: bool):
+    """coremltools draws its own tqdm bars with no switch to turn them off: swap them out."""
+    if progress:
+        yield
+        return
+    from unittest import mock
+
+    from coremltools.converters.mil.frontend.torch import ops
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+
+    quiet = functools.partial(tqdm, disable=True)
+    with mock.patch.object(ops, "_tqdm", quiet), mock.patch.object(pass_pipeline, "tqdm", quiet):
+        yield
+
+
+def _save(mlmodel, path: Path) -> None:
+    """Save beside, then swap in: an interrupted conversion never leaves half a package."""
+    tmp = path.with_name(".tmp-" + path.name)  # coremltools insists on the .mlpackage suffix
+    shutil.rmtree(tmp, ignore_errors=True)
+    mlmodel.save(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

@@ -1,0 +1,71 @@
+"""Full-size SD 1.5 / 2.1-base architectures with random weights, from the configs in data/configs.
+
+Nothing is downloaded: these check that conversion works unchanged at full size
+(and measure it). The tokenizer is the embedded model's (CLIP's vocabulary is not
+shipped); it only has to produce ids below the text encoder's vocabulary size.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from sdwork.pipeline import ROOT
+
+CONFIGS = ROOT / "data" / "configs"
+PARTS = ("text_encoder", "unet", "vae")
+
+
+def architectures() -> list[str]:
+    return sorted(p.name for p in CONFIGS.iterdir() if (p / "unet" / "config.json").exists())
+
+
+def config(arch: str, part: str, **overrides) -> dict:
+    path = CONFIGS / arch / part / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config {path}; architectures: {', '.join(architectures())}, "
+                                f"parts: {', '.join(PARTS)}")
+    return {**json.loads(path.read_text()), **overrides}
+
+
+def random_module(arch: str, part: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    cfg = config(arch, part, **overrides)
+    torch.manual_seed(seed)
+    if part == "unet":
+        return UNet2DConditionModel.from_config(cfg).eval()
+    if part == "vae":
+        return AutoencoderKL.from_config(cfg).eval()
+    return CLIPTextModel(CLIPTextConfig(**cfg)).eval()
+
+
+def random_pipeline(arch: str, parts=PARTS, seed: int = 0, overrides: dict[str, dict] | None = None):
+    """A StableDiffusionPipeline of `arch` with random weights; parts left out are None."""
+    from diffusers import StableDiffusionPipeline
+
+    overrides = overrides or {}
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    modules = {p: random_module(arch, p, seed, **overrides.get(p, {})) if p in parts else None for p in PARTS}
+    pipe = StableDiffusionPipeline(**modules, tokenizer=_tiny_tokenizer(), scheduler=_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.model_spec = f"{arch}-random"
+    return pipe
+
+
+def _tiny_tokenizer():
+    from sdwork.tiny import dataset, models, tokenizer
+
+    folder = ROOT / "runs" / "tiny-random-tokenizer"  # the same files load_pipeline("tiny-random") builds
+    if not (folder / "vocab.json").exists():
+        tokenizer.build_tokenizer_files(dataset.vocabulary_words(), folder)
+    return tokenizer.load_tokenizer(folder, models.MAX_LENGTH)
+
+
+def _scheduler():
+    from sdwork.tiny import models
+
+    return models.build_scheduler()  # SD's own beta schedule

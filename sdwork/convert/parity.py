@@ -1,0 +1,195 @@
+"""Does a package hold the same model as its source? Checked on Linux, and on macOS also by Core ML.
+
+Linux: the package's weights (decompressed if compressed) go into a copy of the torch
+module whose parameters were first set to NaN, so a weight the package does not
+supply poisons the output. Weights and outputs are compared with the fp16-rounded
+source, on random inputs and on real ones (a dataset caption, a rendered image).
+macOS: `MLModel.predict` against the same source; elsewhere that row says skipped and why.
+PSNR is Apple's definition (ml-stable-diffusion): peak = max |reference|.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from sdwork.convert import components as C
+from sdwork.convert.load import check_belongs, load_package_into_module
+from sdwork.convert.package_io import metadata, package_size
+
+LINUX_MIN_DB = 60.0  # weights equal up to fp16 rounding give far more
+MACOS_MIN_DB = 35.0  # Apple's --check-output-correctness threshold
+PROMPTS = ("a small red circle on a gray background", "a large blue square on a white background")
+
+
+def psnr(ref: np.ndarray, x: np.ndarray) -> float:
+    """Apple's PSNR of x against ref, in dB (about 200 when equal)."""
+    ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
+    rmse = np.sqrt(np.mean((ref - x) ** 2))
+    return float(20 * np.log10((np.abs(ref).max() + 1e-5) / (rmse + 1e-10)))
+
+
+def parity_report(pipe, packages: dict[str, Path], prompts=PROMPTS, seed: int = 0, progress: bool = True
+                  ) -> pd.DataFrame:
+    """One row per component: weight deviation and output PSNR against the fp16-rounded source."""
+    rows = []
+    for component, package in tqdm(packages.items(), desc="parity", disable=not progress):
+        rows.append(component_parity(pipe, component, package, prompts, seed))
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def component_parity(pipe, component: str, package, prompts=PROMPTS, seed: int = 0) -> dict:
+    sp = C.spec(component)
+    module = C.torch_module(pipe, component)
+    wm = check_belongs(module, component, package)
+    shapes = _shapes(pipe, package)
+    source = _fp16_copy(module)
+    test = _nan_copy(module, sp)
+    load_package_into_module(test, component, package)
+    inputs = {"random": random_inputs(sp, shapes, pipe, seed), "real": real_inputs(pipe, component, shapes, prompts)}
+    src_out = {k: _run(sp.wrapper(source), v) for k, v in inputs.items()}
+    row = dict(component=component, package=Path(package).name, size_mb=package_size(package) / 2**20,
+               **{f"params_{k}": v for k, v in wm.counts().items()},
+               max_weight_dev=_max_dev(source, test, sp), **_psnrs(sp, test, inputs, src_out))
+    row["linux_pass"] = bool(min(row["psnr_random"], row["psnr_real"]) >= LINUX_MIN_DB)
+    row.update(macos_parity(package, sp, inputs["random"], src_out["random"]))
+    return row
+
+
+def _psnrs(sp, test, inputs, src_out) -> dict:
+    out = {}
+    for kind, args in inputs.items():
+        got = _run(sp.wrapper(test), args)
+        out[f"psnr_{kind}"] = min(psnr(r, g) for r, g in zip(src_out[kind], got))
+    return out
+
+
+def macos_parity(package, sp: C.Component, args: list[torch.Tensor], ref: list[np.ndarray]) -> dict:
+    """Core ML's own prediction against the fp16-rounded source: only where Core ML runs."""
+    reason = _no_runtime_reason()
+    if reason:
+        return dict(macos_psnr=float("nan"), macos_pass=None, macos_status=f"skipped: {reason}")
+    import coremltools as ct
+
+    model = ct.models.MLModel(str(package), compute_units=ct.ComputeUnit.ALL)
+    shapes = _shapes_from_meta(package)
+    pred = model.predict({t.name: a.numpy().astype(t.dtype) for t, a in zip(sp.inputs(shapes), args)})
+    outs = [np.asarray(pred[t.name]) for t in sp.outputs(shapes)]
+    db = min(psnr(r, o) for r, o in zip(ref, outs))
+    return dict(macos_psnr=db, macos_pass=bool(db >= MACOS_MIN_DB), macos_status="ran MLModel.predict")
+
+
+def _no_runtime_reason() -> str | None:
+    if platform.system() != "Darwin":
+        return f"MLModel.predict needs the Core ML runtime, which exists only on macOS (this is {platform.system()})"
+    try:
+        import coremltools.libcoremlpython  # noqa: F401
+    except ImportError as e:
+        return f"coremltools was installed without its Core ML bindings ({e})"
+    return None
+
+
+# ------------------------------------------------------------------ inputs
+def random_inputs(sp: C.Component, shapes: C.Shapes, pipe, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for t in sp.inputs(shapes):
+        if t.name == "input_ids":
+            vocab = pipe.text_encoder.config.vocab_size
+            out.append(torch.randint(0, vocab, t.shape, generator=g, dtype=torch.int32))
+        elif t.name == "timestep":
+            out.append(torch.randint(0, 1000, t.shape, generator=g).float())
+        elif t.name == "image":
+            out.append(torch.rand(t.shape, generator=g) * 2 - 1)
+        else:
+            out.append(torch.randn(t.shape, generator=g))
+    return out
+
+
+def real_inputs(pipe, component: str, shapes: C.Shapes, prompts=PROMPTS) -> list[torch.Tensor]:
+    """What the component sees in a real generation: a caption, a rendered image, its latents."""
+    if component == "text_encoder":
+        return [_ids(pipe, prompts[0])]
+    needs = ("vae", "text_encoder") if component == "unet" else ("vae",)
+    missing = [m for m in needs if getattr(pipe, m, None) is None]
+    if missing:
+        raise ValueError(f"real inputs for {component} are made with the pipeline's {' and '.join(needs)}, "
+                         f"but it has no {', '.join(missing)}; load the full pipeline")
+    image = real_image(shapes.image_size)
+    if component == "vae_encoder":
+        return [image]
+    mean = pipe.vae.encode(image).latent_dist.mean
+    if component == "vae_decoder":
+        return [mean]
+    # unet: the real latents noised half-way, with [unconditional, conditional] context
+    t = torch.full((shapes.unet_batch,), 500.0)
+    latents = mean * pipe.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    a = pipe.scheduler.alphas_cumprod[500].float()  # DDPM forward process, any SD scheduler has the table
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+    texts = ["", prompts[0]][-shapes.unet_batch:]
+    context = torch.cat([pipe.text_encoder(_ids(pipe, p).long()).last_hidden_state for p in texts])
+    return [noisy.repeat(shapes.unet_batch, 1, 1, 1), t, context]
+
+
+def real_image(size: int) -> torch.Tensor:
+    """A dataset image (red circle on gray), resized to the VAE's input size, in [-1, 1]."""
+    from PIL import Image
+
+    from sdwork.tiny import dataset
+
+    img = dataset.render(dataset.Attrs("large", "red", "circle", "gray"), np.random.default_rng(0))
+    if img.shape[0] != size:
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def _ids(pipe, prompt: str) -> torch.Tensor:
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids
+    return ids.to(torch.int32)
+
+
+# ------------------------------------------------------------------ helpers
+def _run(wrapper: torch.nn.Module, args) -> list[np.ndarray]:
+    out = wrapper.eval()(*args)
+    return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def _fp16_copy(module):
+    m = copy.deepcopy(module).eval()
+    for t in list(m.parameters()) + list(m.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.half().to(t.dtype))
+    return m
+
+
+def _nan_copy(module, sp: C.Component):
+    m = copy.deepcopy(module).eval()
+    for n, p in m.named_parameters():
+        if sp.owns(n):
+            p.fill_(float("nan"))
+    return m
+
+
+def _max_dev(source, test, sp: C.Component) -> float:
+    src = dict(source.named_parameters())
+    devs = [(p - src[n]).abs().max() for n, p in test.named_parameters() if sp.owns(n)]
+    return float(torch.stack(devs).max())  # NaN (a weight the package lacks) propagates
+
+
+def _shapes(pipe, package) -> C.Shapes:
+    meta = _shapes_from_meta(package)
+    return meta if meta is not None else C.Shapes.of(pipe)
+
+
+def _shapes_from_meta(package) -> C.Shapes | None:
+    raw = metadata(package).get("shapes")
+    return C.Shapes(**json.loads(raw)) if raw else None

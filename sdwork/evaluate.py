@@ -1,0 +1,108 @@
+"""Score a compressed variant: its exact weights in the torch pipeline, images, drift metrics.
+
+The compressed packages are the truth: their decompressed weights (every LUT
+looked up exactly as Core ML would) are copied into a copy of the fp16 torch
+pipeline, which then generates the same fixed-seed images as the baseline.
+Running the package itself needs the Core ML runtime (macOS); on Linux that
+is reported as skipped, never emulated.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from sdwork.generate import GenSettings, generate
+
+METRICS = ("psnr", "ssim", "clip_image_image", "clip_text_image")
+
+
+@dataclass
+class Evaluation:
+    images: np.ndarray  # uint8 (N, H, W, 3), prompt-major like settings.pairs
+    table: pd.DataFrame  # one row per image
+    per_prompt: pd.DataFrame  # one row per prompt
+    means: dict[str, float]
+    seconds: float
+    coreml_predict: str  # what happened to running the package itself
+
+
+def load_variant(pipe_fp16, packages: dict):
+    """A copy of the fp16 pipeline holding the packages' exact decompressed weights."""
+    from sdwork.convert import load_packages_into_pipeline
+
+    return load_packages_into_pipeline(copy.deepcopy(pipe_fp16), packages)
+
+
+def evaluate(pipe_fp16, packages: dict, settings: GenSettings, baseline: np.ndarray, scorer=None,
+             progress: bool = True) -> Evaluation:
+    """Generate with the packages' weights and score against `baseline` (the fp16 images)."""
+    t0 = time.perf_counter()
+    pipe = load_variant(pipe_fp16, packages)
+    images = generate(pipe, settings, progress=progress)
+    del pipe
+    table, per_prompt, means = score(baseline, images, settings, scorer)
+    return Evaluation(images, table, per_prompt, means, time.perf_counter() - t0, coreml_predict_status())
+
+
+def score(baseline: np.ndarray, images: np.ndarray, settings: GenSettings, scorer=None):
+    """(per-image table, per-prompt table, means). PSNR is pooled: 10 log10(255^2 / mean MSE)
+    over the images of a prompt (or of the run), finite unless every image is identical."""
+    from sdwork.metrics import score_images
+
+    table = score_images(baseline, images, list(settings.prompts), scorer, seeds=settings.seeds)
+    table["mse"] = ((images.astype(np.float64) - baseline.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
+    cols = [m for m in METRICS if m in table and m != "psnr"]
+    per_prompt = table.groupby("prompt", sort=False).agg({"mse": "mean", **{c: "mean" for c in cols}}).reset_index()
+    per_prompt.insert(1, "psnr", per_prompt.pop("mse").map(pooled_psnr))
+    means = {"psnr": pooled_psnr(table["mse"].mean()), **{c: float(table[c].mean()) for c in cols}}
+    means["identical_images"] = int((table["mse"] == 0).sum())
+    return table, per_prompt, means
+
+
+def pooled_psnr(mse: float) -> float:
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+def coreml_predict_status() -> str:
+    if platform.system() != "Darwin":
+        return "skipped: running a package needs the Core ML runtime (macOS); scored the decompressed weights in torch"
+    return "skipped: on-device prediction is not implemented yet; scored the decompressed weights in torch"
+
+
+# --- per-layer weight error ---------------------------------------------------------
+
+
+def layer_errors(fp16_package, compressed_package) -> pd.DataFrame:
+    """Per mapped weight: relative RMS error and SNR (dB) of the compressed package against the fp16 one.
+
+    Weights are matched by torch parameter name through each package's weight map, since
+    the const names differ between engines (torch-side compression names them *_cast_fp16).
+    """
+    from sdwork.convert import load_weight_map, package_weights
+
+    ref_map, got_map = load_weight_map(fp16_package), load_weight_map(compressed_package)
+    ref, got = package_weights(fp16_package), package_weights(compressed_package)
+    rows, seen = [], set()
+    for torch_name, const in ref_map.items():
+        if torch_name not in got_map:
+            raise KeyError(f"{torch_name} is in {fp16_package} but not in {compressed_package}: not the same model")
+        pair = (const, got_map[torch_name])
+        if pair in seen:  # parameters sharing one const are one stored weight
+            continue
+        seen.add(pair)
+        w, w_hat = ref[const].astype(np.float64), got[got_map[torch_name]].astype(np.float64)
+        err = float(np.sqrt(((w - w_hat) ** 2).mean()))
+        rms = float(np.sqrt((w**2).mean()))
+        rows.append(dict(
+            name=got_map[torch_name], torch_name=torch_name, numel=w.size, changed=bool(err > 0),
+            rel_rmse=err / rms if rms else 0.0,
+            snr_db=math.inf if err == 0 else (20 * math.log10(rms / err) if rms else -math.inf),
+            max_abs=float(np.abs(w - w_hat).max()),
+        ))
+    return pd.DataFrame(rows)

@@ -1,0 +1,231 @@
+"""A palettization recipe: what to compress, how, and with which engine.
+
+A Recipe is validated when built, so an impossible request fails before any
+work starts, with a message naming the fix. It round-trips through JSON, has a
+short stable `name` (the row key of a sweep), and turns into the coremltools
+config that `ct.optimize.coreml.palettize_weights` takes.
+
+Defaults follow coremltools and Apple's ml-stable-diffusion: k-means, per-tensor,
+weight_threshold 2048, and the text encoder plus the UNet compressed (what
+`--quantize-nbits` does); the VAE decoder stays fp16 unless asked for, because
+it is small and works in pixel space where errors show directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+
+NBITS = (1, 2, 3, 4, 6, 8)
+GRANULARITIES = ("per_tensor", "per_grouped_channel")
+MODES = ("kmeans", "uniform")
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+ENGINES = ("coremltools", "torch", "sdwork")
+DEFAULT_COMPONENTS = ("text_encoder", "unet")
+DEFAULT_WEIGHT_THRESHOLD = 2048  # coremltools' default: weights with more elements get compressed
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """A per-layer override: another bit width / granularity for one weight."""
+
+    nbits: int
+    granularity: str = "per_tensor"
+    group_size: int | None = None
+
+    def __post_init__(self):
+        _check_lut(self.nbits, self.granularity, self.group_size, cluster_dim=1, what="override")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    nbits: int
+    granularity: str = "per_tensor"
+    group_size: int | None = None  # output channels sharing one LUT; LUTs per layer = C_out / group_size
+    cluster_dim: int = 1  # >1: vector palettization, each LUT entry is a cluster_dim-long vector
+    mode: str = "kmeans"
+    weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD
+    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    engine: str = "coremltools"
+    # op (const) name -> LayerSpec, or None to leave that weight in fp16; sorted pairs keep it hashable
+    overrides: tuple[tuple[str, LayerSpec | None], ...] = field(default=())
+
+    def __post_init__(self):
+        _check_lut(self.nbits, self.granularity, self.group_size, self.cluster_dim, what="recipe")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.cluster_dim > 1 and self.mode != "kmeans":
+            raise ValueError(f"cluster_dim={self.cluster_dim} (vector palettization) needs mode='kmeans'")
+        if not isinstance(self.weight_threshold, int) or self.weight_threshold < 0:
+            raise ValueError(f"weight_threshold must be an integer >= 0, got {self.weight_threshold!r}")
+        comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
+        if not comps:
+            raise ValueError(f"components is empty; name at least one of {COMPONENTS}")
+        for c in comps:
+            if c not in COMPONENTS:
+                raise ValueError(f"unknown component {c!r}; choose from {COMPONENTS}")
+        object.__setattr__(self, "components", tuple(sorted(set(comps), key=COMPONENTS.index)))
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.engine == "torch" and self.mode != "kmeans":
+            raise ValueError("engine='torch' (PostTrainingPalettizer) only does k-means; use engine='coremltools' for mode='uniform'")
+        object.__setattr__(self, "overrides", _normalise_overrides(self.overrides))
+        if self.overrides and self.engine == "torch":
+            raise ValueError("per-layer overrides are keyed by Core ML op names; use engine 'coremltools' or 'sdwork'")
+
+    # --- identity -------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """Short stable id, e.g. 'km4-pt', 'km4-g16', 'un2-g4-cd2-wt4096-all-torch'."""
+        parts = [("km" if self.mode == "kmeans" else "un") + str(self.nbits)]
+        parts.append("pt" if self.granularity == "per_tensor" else f"g{self.group_size}")
+        if self.cluster_dim != 1:
+            parts.append(f"cd{self.cluster_dim}")
+        if self.weight_threshold != DEFAULT_WEIGHT_THRESHOLD:
+            parts.append(f"wt{self.weight_threshold}")
+        if self.components != DEFAULT_COMPONENTS:
+            parts.append("+".join(_SHORT[c] for c in self.components))
+        if self.engine != "coremltools":
+            parts.append(self.engine)
+        if self.overrides:
+            digest = hashlib.sha256(json.dumps(self.to_dict()["overrides"], sort_keys=True).encode())
+            parts.append(f"ov{len(self.overrides)}-{digest.hexdigest()[:6]}")
+        return "-".join(parts)
+
+    @property
+    def lut_entries(self) -> int:
+        return 2**self.nbits
+
+    # --- serialisation --------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["components"] = list(self.components)
+        d["overrides"] = {k: (None if v is None else asdict(v)) for k, v in self.overrides}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Recipe":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        if "nbits" not in d:
+            raise ValueError("a recipe needs nbits (one of 1, 2, 3, 4, 6, 8)")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        return cls.from_dict(json.loads(text))
+
+    def with_(self, **changes) -> "Recipe":
+        return replace(self, **changes)
+
+    # --- coremltools ----------------------------------------------------------------
+
+    @property
+    def min_target(self) -> str:
+        """The lowest Core ML deployment target that can hold this recipe's ops."""
+        specs = [(self.nbits, self.granularity, self.cluster_dim)]
+        specs += [(v.nbits, v.granularity, 1) for _, v in self.overrides if v is not None]
+        needs18 = any(n == 3 or g == "per_grouped_channel" or cd > 1 for n, g, cd in specs)
+        return "iOS18" if needs18 else "iOS16"
+
+    def op_config(self, spec: LayerSpec | None = None):
+        from coremltools.optimize.coreml import OpPalettizerConfig
+
+        nbits, gran, group = (self.nbits, self.granularity, self.group_size) if spec is None else (
+            spec.nbits, spec.granularity, spec.group_size)
+        kw = dict(group_size=group) if gran == "per_grouped_channel" else {}
+        return OpPalettizerConfig(
+            mode=self.mode,
+            nbits=nbits,
+            granularity=gran,
+            cluster_dim=self.cluster_dim if spec is None else 1,
+            weight_threshold=self.weight_threshold,
+            num_kmeans_workers=1,  # several workers hang here (see REFERENCE.md)
+            **kw,
+        )
+
+    def to_coreml_config(self):
+        """`OptimizationConfig` for `ct.optimize.coreml.palettize_weights` (overrides as op-name configs)."""
+        from coremltools.optimize.coreml import OptimizationConfig
+
+        by_name = {k: (None if v is None else self.op_config(v)) for k, v in self.overrides}
+        return OptimizationConfig(global_config=self.op_config(), op_name_configs=by_name)
+
+    def to_torch_config(self, skip_modules: tuple[str, ...] = ()):
+        """`PostTrainingPalettizerConfig` for the torch engine; `skip_modules` stay dense
+        (the torch side has no weight_threshold, so the caller lists the small modules)."""
+        from coremltools.optimize.torch.palettization import PostTrainingPalettizerConfig
+
+        cfg = dict(n_bits=self.nbits, granularity=self.granularity, cluster_dim=self.cluster_dim)
+        if self.granularity == "per_grouped_channel":
+            cfg["group_size"] = self.group_size
+        # fast k-means mode rounds weights before clustering: off, so both engines see the same fp16 weights
+        cfg["enable_fast_kmeans_mode"] = False
+        return PostTrainingPalettizerConfig.from_dict(
+            {"global_config": cfg, "module_name_configs": {m: None for m in skip_modules}}
+        )
+
+
+_SHORT = {"text_encoder": "te", "unet": "unet", "vae_decoder": "vaed", "vae_encoder": "vaee"}
+
+
+def _check_lut(nbits, granularity, group_size, cluster_dim, what: str):
+    if isinstance(nbits, bool) or nbits not in NBITS:
+        raise ValueError(f"{what}: nbits={nbits!r} is not supported by Core ML palettization; use one of {NBITS}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"{what}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
+        raise ValueError(f"{what}: cluster_dim must be an integer >= 1, got {cluster_dim!r}")
+    if granularity == "per_tensor":
+        if group_size is not None:
+            raise ValueError(
+                f"{what}: group_size={group_size} only applies to granularity='per_grouped_channel'; "
+                "drop group_size or switch granularity"
+            )
+        return
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
+        raise ValueError(
+            f"{what}: per_grouped_channel needs group_size, a positive number of output channels per LUT; got {group_size!r}"
+        )
+    if group_size % cluster_dim:
+        raise ValueError(
+            f"{what}: cluster_dim={cluster_dim} must divide group_size={group_size} "
+            "(each LUT entry is a vector along the grouped channels); pick a cluster_dim that divides it"
+        )
+
+
+def _normalise_overrides(overrides) -> tuple:
+    items = overrides.items() if isinstance(overrides, dict) else overrides
+    out = {}
+    for name, spec in items:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"override keys are Core ML const op names (strings), got {name!r}")
+        if isinstance(spec, dict):
+            spec = LayerSpec(**spec)
+        elif isinstance(spec, (list, tuple)):
+            spec = LayerSpec(*spec)
+        elif spec is not None and not isinstance(spec, LayerSpec):
+            raise ValueError(f"override for {name!r} must be None, (nbits, granularity, group_size) or a dict, got {spec!r}")
+        out[name] = spec
+    return tuple(sorted(out.items()))
+
+
+def grid(
+    nbits=(2, 3, 4, 6, 8),
+    group_sizes=(None, 4, 16, 64),
+    **common,
+) -> list[Recipe]:
+    """The cartesian product of bit widths and granularities; group size None means per-tensor."""
+    out = []
+    for n in nbits:
+        for g in group_sizes:
+            gran = dict(granularity="per_tensor") if g is None else dict(granularity="per_grouped_channel", group_size=g)
+            out.append(Recipe(nbits=n, **gran, **common))
+    return out

@@ -1,0 +1,71 @@
+"""Quality bars of the embedded model, measured on held-out attribute combinations.
+
+- scorer ranking: the CLIP scorer ranks the true caption first among the
+  captions that differ from it in one attribute (held-out dataset images);
+- prompt following: images generated from held-out prompts show the right
+  colour and shape, judged by pixel statistics (sdwork.tiny.judge) and, as a
+  second opinion, by the CLIP scorer choosing among colour / shape variants;
+- speed: seconds per 64x64 image at the given number of steps.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from sdwork.tiny import dataset, judge
+
+
+def _rank_first(scorer, images: np.ndarray, true: list[str], candidates: list[list[str]]) -> np.ndarray:
+    """For each image: is its true caption the best-scoring among candidates (true included)?"""
+    hits = []
+    for img, t, cands in zip(images, true, candidates):
+        texts = [t] + [c for c in cands if c != t]
+        scores = scorer.text_image(texts, np.repeat(img[None], len(texts), axis=0))
+        hits.append(int(np.argmax(scores)) == 0)
+    return np.asarray(hits)
+
+
+def scorer_ranking(scorer, per_combo: int = 20, seed: int = 7) -> float:
+    """Share of held-out dataset images whose true caption ranks first among one-attribute variants."""
+    _, held = dataset.split_combinations()
+    images, captions = dataset.make_dataset(held, per_combo, seed)
+    attrs = [dataset.parse_caption(c) for c in captions]
+    cands = [[v.caption for v in dataset.one_attribute_variants(a)] for a in attrs]
+    return float(_rank_first(scorer, images, captions, cands).mean())
+
+
+def _variants(a: dataset.Attrs, name: str) -> list[str]:
+    return [dataset.Attrs(**{**a.__dict__, name: v}).caption for v in dataset.ATTRIBUTES[name]]
+
+
+def prompt_following(pipe, scorer, seeds=(0, 1, 2, 3), steps: int = 20, guidance: float = 5.0, progress=True) -> dict:
+    """Colour and shape accuracy of images generated from the held-out prompts."""
+    from sdwork.generate import GenSettings, generate
+
+    _, held = dataset.split_combinations()
+    prompts = tuple(a.caption for a in held)
+    settings = GenSettings(prompts=prompts, seeds=tuple(seeds), steps=steps, guidance=guidance)
+    t0 = time.perf_counter()
+    images = generate(pipe, settings, progress=progress)
+    seconds = (time.perf_counter() - t0) / len(images)
+    targets = [dataset.parse_caption(p) for p, _ in settings.pairs]
+    pixel = judge.accuracy(images, targets)
+    captions = [t.caption for t in targets]
+    by_clip = {
+        name: float(_rank_first(scorer, images, captions, [_variants(t, name) for t in targets]).mean())
+        for name in ("colour", "shape")
+    }
+    return dict(
+        n_images=len(images),
+        steps=steps,
+        guidance=guidance,
+        seconds_per_image=seconds,
+        pixel_colour=pixel["colour"],
+        pixel_shape=pixel["shape"],
+        pixel_size=pixel["size"],
+        pixel_background=pixel["background"],
+        clip_colour=by_clip["colour"],
+        clip_shape=by_clip["shape"],
+        images=images,
+    )

@@ -1,0 +1,258 @@
+"""Core ML conversion: packages, names, verified weight maps, Linux parity, compressed packages, errors."""
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sdwork.convert import (
+    COMPONENTS, PackageError, PackageMismatchError, WeightMapError, convert_component, convert_pipeline, io_table,
+    load_packages_into_pipeline, load_weight_map, package_table, package_weights, parity_report, read_weight_map,
+)
+from sdwork.convert import components as C
+from sdwork.pipeline import ModelNotFoundError, components, load_pipeline
+
+NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
+
+
+def trained_like(pipe):
+    """tiny-random with every norm scale / bias moved off 1 / 0, as in a trained model: otherwise
+    coremltools drops them as no-ops and the folded path (GroupNorm -> batch_norm) goes untested."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in components(pipe).values():
+            for p in m.parameters():
+                if p.ndim == 1:
+                    p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return trained_like(load_pipeline("tiny-random", progress=False))
+
+
+@pytest.fixture(scope="module")
+def converted(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("convert")
+    return convert_pipeline(pipe, out, progress=False)
+
+
+def test_writes_every_package_weight_map_and_tokenizer(converted, pipe):
+    out = converted["unet"].parent
+    assert {c: p.name for c, p in converted.items()} == {c: f"{n}.mlpackage" for c, n in NAMES.items()}
+    for c, n in NAMES.items():
+        assert (out / f"{n}.mlpackage" / "Manifest.json").exists() and (out / f"{n}.weightmap.json").exists()
+    from transformers import CLIPTokenizer
+
+    tok = CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
+    text = "a large purple triangle on a black background"
+    assert tok(text).input_ids == pipe.tokenizer(text).input_ids
+    sizes = package_table(converted)
+    assert (sizes.target == "iOS18").all() and (sizes.weights_mb > 0).all()
+
+
+def test_inputs_and_outputs_named_as_apple(converted):
+    io = io_table(converted).set_index(["component", "io", "name"])
+    expected = {
+        ("text_encoder", "input", "input_ids"): ((1, 77), "int32"),
+        ("text_encoder", "output", "last_hidden_state"): ((1, 77, 64), "float32"),
+        ("text_encoder", "output", "pooler_output"): ((1, 64), "float32"),
+        ("unet", "input", "sample"): ((2, 4, 8, 8), "float32"),
+        ("unet", "input", "timestep"): ((2,), "float32"),
+        ("unet", "input", "encoder_hidden_states"): ((2, 77, 64), "float32"),
+        ("unet", "output", "noise_pred"): ((2, 4, 8, 8), "float32"),
+        ("vae_decoder", "input", "z"): ((1, 4, 8, 8), "float32"),
+        ("vae_decoder", "output", "image"): ((1, 3, 64, 64), "float32"),
+        ("vae_encoder", "input", "image"): ((1, 3, 64, 64), "float32"),
+        ("vae_encoder", "output", "latent"): ((1, 4, 8, 8), "float32"),
+    }
+    assert set(io.index) == set(expected)
+    for key, (shape, dtype) in expected.items():
+        assert (io.loc[key, "shape"], io.loc[key, "dtype"]) == (shape, dtype), key
+        assert io.loc[key, "description"]
+
+
+def test_wrappers_compute_what_the_pipeline_computes(pipe):
+    """The exported wrappers are the pipeline's own computation (positions from cumsum included)."""
+    g = torch.Generator().manual_seed(3)
+    ids = pipe.tokenizer("a small green square on a white background", padding="max_length",
+                         return_tensors="pt").input_ids
+    z, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 77, 64, generator=g)
+    img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.no_grad():
+        hidden, pooled = C.TextEncoder(pipe.text_encoder)(ids.int())
+        ref = pipe.text_encoder(ids)
+        assert torch.equal(hidden, ref.last_hidden_state) and torch.equal(pooled, ref.pooler_output)
+        assert torch.equal(C.Unet(pipe.unet)(z, t, ctx), pipe.unet(z, t, encoder_hidden_states=ctx).sample)
+        assert torch.equal(C.VAEDecoder(pipe.vae)(z[:1]), pipe.vae.decode(z[:1]).sample)
+        assert torch.equal(C.VAEEncoder(pipe.vae)(img), pipe.vae.encode(img).latent_dist.mean)
+
+
+def test_weight_map_accounts_for_every_parameter(converted, pipe):
+    for comp, path in converted.items():
+        wm = read_weight_map(path)
+        params = C.owned_parameters(pipe, comp)
+        assert set(wm.entries) == set(params)
+        weights = package_weights(path)
+        for name, e in wm.entries.items():
+            if params[name].numel() > wm.weight_threshold:
+                assert e.kind in ("name", "shared"), (comp, name, e)
+            if e.const is not None:  # values equal to the fp16-rounded parameter, bit for bit
+                ref = params[name].detach().half().numpy()
+                assert np.array_equal(weights[e.const].reshape(ref.shape), ref), (comp, name)
+        assert load_weight_map(path) == wm.consts()
+    # trained-like norms: the VAE's and UNet's GroupNorms are folded into batch_norm consts
+    assert read_weight_map(converted["vae_decoder"]).counts()["folded"] > 0
+    assert read_weight_map(converted["unet"]).counts()["folded"] > 0
+
+
+def test_parity_on_linux(converted, pipe):
+    report = parity_report(pipe, converted, progress=False).set_index("component")
+    assert list(report.index) == list(COMPONENTS)
+    assert (report.max_weight_dev == 0).all()
+    assert (report[["psnr_random", "psnr_real"]] >= 60).all().all() and report.linux_pass.all()
+    import platform
+
+    if platform.system() != "Darwin":
+        assert report.macos_status.str.startswith("skipped: MLModel.predict needs the Core ML runtime").all()
+        assert report.macos_psnr.isna().all() and report.macos_pass.isna().all()
+
+
+def test_parity_catches_a_wrong_weight(converted, pipe):
+    """The source changed after conversion: weights and outputs no longer agree."""
+    other = copy.deepcopy(pipe)
+    with torch.no_grad():
+        other.unet.conv_in.weight.mul_(1.5)
+    row = parity_report(other, {"unet": converted["unet"]}, progress=False).iloc[0]
+    assert row.max_weight_dev > 0.01 and row.psnr_random < 60 and not row.linux_pass
+
+
+def test_compressed_packages_decompress_exactly(converted, pipe, tmp_path):
+    """Grouped LUTs, vector LUTs and sparse+LUT packages: package_weights returns what coremltools'
+    own decompress_weights computes, under the fp16 const names, and the weights load into torch."""
+    import coremltools.optimize.coreml as cto
+
+    from sdwork.convert.package_io import open_package
+
+    variants = {
+        ("vae_decoder", "lut4_g16"): lambda m: cto.palettize_weights(m, cto.OptimizationConfig(cto.OpPalettizerConfig(
+            mode="uniform", nbits=4, granularity="per_grouped_channel", group_size=16))),
+        ("text_encoder", "kmeans_cd2"): lambda m: cto.palettize_weights(m, cto.OptimizationConfig(cto.OpPalettizerConfig(
+            mode="kmeans", nbits=3, cluster_dim=2, num_kmeans_workers=1))),
+        ("text_encoder", "sparse_lut"): lambda m: cto.palettize_weights(
+            cto.prune_weights(m, cto.OptimizationConfig(cto.OpMagnitudePrunerConfig(target_sparsity=0.5))),
+            cto.OptimizationConfig(cto.OpPalettizerConfig(mode="uniform", nbits=4)), joint_compression=True),
+    }
+    for (comp, tag), compress in variants.items():
+        path = tmp_path / tag / f"{NAMES[comp]}.mlpackage"
+        compress(open_package(converted[comp])).save(str(path))  # metadata (and weight map) survive
+        dense = tmp_path / tag / "dense" / path.name
+        cto.decompress_weights(open_package(path)).save(str(dense))
+        got, ref = package_weights(path), package_weights(dense)
+        assert set(got) == set(ref) and all(np.array_equal(got[k], ref[k]) for k in got)
+        fp16 = package_weights(converted[comp])
+        changed = [k for k in got if not np.array_equal(got[k], fp16[k])]
+        assert changed and set(changed) <= set(load_weight_map(path).values())  # only weights were compressed
+        if tag == "lut4_g16":  # 16 values per group of 16 output channels
+            w = got[load_weight_map(path)["decoder.up_blocks.0.resnets.0.conv1.weight"]]
+            assert all(len(np.unique(w[i:i + 16])) <= 16 for i in range(0, w.shape[0], 16))
+        variant = load_packages_into_pipeline(copy.deepcopy(pipe), {comp: path})
+        module = C.torch_module(variant, comp)
+        for name, const in load_weight_map(path).items():
+            p = dict(module.named_parameters())[name]
+            assert np.array_equal(p.detach().numpy().reshape(-1), got[const].astype(np.float32).reshape(-1))
+        row = parity_report(pipe, {comp: path}, progress=False).iloc[0]
+        assert row.max_weight_dev > 0 and 5 < row.psnr_random < 120
+
+
+def test_conversion_is_deterministic(pipe, converted, tmp_path):
+    again = convert_component(pipe, "text_encoder", tmp_path, progress=False)
+    blob = "Data/com.apple.CoreML/weights/weight.bin"
+    assert (again / blob).read_bytes() == (converted["text_encoder"] / blob).read_bytes()
+    assert read_weight_map(again) == read_weight_map(converted["text_encoder"])
+
+
+def test_full_size_configs_have_the_published_sizes():
+    """The configs in data/configs build the published architectures (parameter counts, on the meta device)."""
+    from sdwork.convert import fullsize
+
+    expected = {("sd15", "unet"): 859_520_964, ("sd21-base", "unet"): 865_910_724,
+                ("sd15", "vae"): 83_653_863, ("sd21-base", "vae"): 83_653_863,
+                ("sd15", "text_encoder"): 123_060_480, ("sd21-base", "text_encoder"): 340_387_840}
+    for (arch, part), n in expected.items():
+        with torch.device("meta"):
+            module = fullsize.random_module(arch, part)
+        assert sum(p.numel() for p in module.parameters()) == n, (arch, part)
+
+
+def test_reduced_sd21_base_unet_converts_unchanged(tmp_path):
+    """SD 2.1-base's UNet features (linear projections, per-block head counts, 4 levels, 1024-wide
+    context) at reduced width: same code path as the full-size benchmark, seconds not minutes."""
+    from sdwork.convert.fullsize import random_pipeline
+
+    pipe = random_pipeline("sd21-base", overrides={
+        "unet": dict(block_out_channels=[40, 80, 160, 160], sample_size=8, norm_num_groups=8, layers_per_block=1),
+        "text_encoder": dict(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, vocab_size=600),
+        "vae": dict(block_out_channels=[8, 8, 16, 16], norm_num_groups=8, layers_per_block=1),
+    })
+    assert pipe.unet.config.use_linear_projection and pipe.unet.config.cross_attention_dim == 1024
+    path = convert_component(pipe, "unet", tmp_path, unet_batch=1, progress=False)
+    wm = read_weight_map(path)
+    assert wm.counts()["identity"] > 0  # random init: norms of ones / zeros, removed by coremltools
+    row = parity_report(pipe, {"unet": path}, progress=False).iloc[0]
+    assert row.max_weight_dev == 0 and row.linux_pass
+    assert io_table({"unet": path}).set_index("name").loc["encoder_hidden_states", "shape"] == (1, 77, 1024)
+
+
+def test_clear_errors(converted, pipe, tmp_path):
+    with pytest.raises(ValueError, match="unknown component 'safety_checker'"):
+        convert_pipeline(pipe, tmp_path, components=["unet", "safety_checker"], progress=False)
+    with pytest.raises(ValueError, match="unknown or unsupported target 'iOS15'"):
+        convert_component(pipe, "unet", tmp_path, target="iOS15")
+    with pytest.raises(ValueError, match="unet_batch must be 1 or 2"):
+        convert_component(pipe, "unet", tmp_path, unet_batch=4)
+    with pytest.raises(ModelNotFoundError, match="no model folder"):
+        load_pipeline("./no/such/model")
+    with pytest.raises(PackageError, match="no Core ML package"):
+        package_weights(tmp_path / "Missing.mlpackage")
+    # damaged: the weight file is gone
+    broken = tmp_path / "broken" / "Unet.mlpackage"
+    shutil.copytree(converted["unet"], broken)
+    (broken / "Data/com.apple.CoreML/weights/weight.bin").unlink()
+    with pytest.raises(PackageError, match="damaged"):
+        package_weights(broken)
+    # a package passed under another component's key
+    with pytest.raises(PackageMismatchError, match="holds the unet component, not vae_decoder"):
+        load_packages_into_pipeline(copy.deepcopy(pipe), {"vae_decoder": converted["unet"]})
+    # a package of another model (the reduced SD 2.1-base architecture)
+    from sdwork.convert.fullsize import random_pipeline
+
+    other = random_pipeline("sd21-base", parts=("unet",), overrides={"unet": dict(
+        block_out_channels=[40, 80, 160, 160], sample_size=8, norm_num_groups=8, layers_per_block=1)})
+    with pytest.raises(PackageMismatchError, match="does not belong to this model's unet"):
+        load_packages_into_pipeline(other, {"unet": converted["unet"]})
+    # a weight map JSON beside the package that belongs to another package
+    odd = tmp_path / "odd"
+    shutil.copytree(converted["unet"], odd / "Unet.mlpackage")
+    shutil.copy(converted["text_encoder"].parent / "TextEncoder.weightmap.json", odd / "Unet.weightmap.json")
+    with pytest.raises(PackageError, match="does not match"):
+        load_weight_map(odd / "Unet.mlpackage")
+    with pytest.raises(ValueError, match="float32"):
+        convert_component(load_pipeline("tiny-random", dtype=torch.float16), "vae_decoder", tmp_path)
+
+
+def test_notebook_converts_and_reports(tmp_path):
+    import pandas as pd
+    from nbrun import run_notebook
+
+    out = tmp_path / "out"
+    run_notebook("01_convert.ipynb", tmp_path, model="tiny-random", components=["text_encoder", "vae_decoder"],
+                 out_dir=str(out), progress=False)
+    folder = out / "tiny-random"
+    parity = pd.read_csv(folder / "parity.csv")
+    assert parity.component.tolist() == ["text_encoder", "vae_decoder"] and parity.linux_pass.all()
+    assert set(pd.read_csv(folder / "io.csv").name) == {"input_ids", "last_hidden_state", "pooler_output", "z", "image"}
+    assert (folder / "TextEncoder.mlpackage").is_dir() and (folder / "vocab.json").exists()
+    assert len(pd.read_csv(folder / "sizes.csv")) == 2

@@ -1,0 +1,105 @@
+"""The embedded model's dataset, tokenizer, pixel judge and training script."""
+import numpy as np
+import pytest
+import torch
+
+from sdwork.tiny import dataset, judge, tokenizer, train
+
+
+def test_dataset_is_reproducible_and_held_out_is_disjoint():
+    train_c, held = dataset.split_combinations()
+    assert len(held) == dataset.N_HELD_OUT and not set(train_c) & set(held)
+    assert len(train_c) + len(held) == len(dataset.all_combinations())
+    a, ca = dataset.make_dataset(held[:3], 2, seed=5)
+    b, cb = dataset.make_dataset(held[:3], 2, seed=5)
+    c, _ = dataset.make_dataset(held[:3], 2, seed=6)
+    assert a.dtype == np.uint8 and a.shape == (6, 64, 64, 3)
+    assert np.array_equal(a, b) and ca == cb and not np.array_equal(a, c)
+    # every attribute value still appears in training
+    for name, values in dataset.ATTRIBUTES.items():
+        assert {getattr(t, name) for t in train_c} == set(values)
+
+
+def test_caption_round_trip_and_errors():
+    for attrs in dataset.all_combinations():
+        assert dataset.parse_caption(attrs.caption) == attrs
+    with pytest.raises(ValueError, match="expected 'a <size>"):
+        dataset.parse_caption("a red circle")
+    with pytest.raises(ValueError, match="unknown colour"):
+        dataset.parse_caption("a small pink circle on a gray background")
+    variants = dataset.one_attribute_variants(dataset.all_combinations()[0])
+    assert len(variants) == sum(len(v) - 1 for v in dataset.ATTRIBUTES.values())
+
+
+def test_tokenizer_keeps_every_word_whole(tmp_path):
+    tokenizer.build_tokenizer_files(dataset.vocabulary_words(), tmp_path)
+    tok = tokenizer.load_tokenizer(tmp_path)
+    for w in dataset.vocabulary_words():
+        ids = tok(w).input_ids
+        assert len(ids) == 3, (w, tok.convert_ids_to_tokens(ids))  # BOS word EOS
+        assert tok.decode(ids[1:2]).strip() == w
+    # unknown words still tokenize, byte by byte, never to an unknown token
+    toks = tok.convert_ids_to_tokens(tok("zebra!").input_ids)
+    assert "".join(toks[1:-1]).replace("</w>", "") == "zebra!"
+
+
+def test_pixel_judge_reads_every_dataset_image_right():
+    images, captions = dataset.make_dataset(dataset.all_combinations(), 3, seed=11)
+    acc = judge.accuracy(images, [dataset.parse_caption(c) for c in captions])
+    assert acc["all"] == 1.0, acc
+
+
+def test_pixel_judge_sees_wrong_images_as_wrong():
+    rng = np.random.default_rng(0)
+    red = dataset.render(dataset.Attrs("large", "red", "circle", "white"), rng)
+    acc = judge.accuracy(red[None], [dataset.Attrs("small", "blue", "triangle", "black")])
+    assert acc["colour"] == acc["shape"] == acc["size"] == acc["background"] == 0.0
+    assert judge.judge(np.full((64, 64, 3), 128, np.uint8)) is None
+
+
+SMALL = dict(train.DEFAULTS, per_combo=1, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4,
+             clip_steps=4, clip_batch=8, ckpt_every=2)
+
+
+def test_vae_training_resumes_bit_identically(tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    (tmp_path / "a").mkdir()
+    train.train_vae(dict(SMALL), tmp_path / "a", progress=False)
+    ref = torch.load(tmp_path / "a" / "vae_final.pt", weights_only=True)
+
+    (tmp_path / "b").mkdir()
+    real_loop = train._loop
+
+    def crash_after_first_checkpoint(name, steps, start, progress, step_fn, ckpt_fn, every):
+        def step_or_crash(step):
+            if step == 3:
+                raise KeyboardInterrupt
+            return step_fn(step)
+        return real_loop(name, steps, start, progress, step_or_crash, ckpt_fn, every)
+
+    monkeypatch.setattr(train, "_loop", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_vae(dict(SMALL), tmp_path / "b", progress=False)
+    assert torch.load(tmp_path / "b" / "vae.ckpt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(train, "_loop", real_loop)
+    train.train_vae(dict(SMALL), tmp_path / "b", progress=False)
+    got = torch.load(tmp_path / "b" / "vae_final.pt", weights_only=True)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_training_writes_a_loadable_pipeline_and_scorer(tmp_path):
+    from sdwork.pipeline import load_pipeline
+
+    out = tmp_path / "models"
+    train.main(["--work", str(tmp_path / "work"), "--out", str(out), "--no-progress", "--threads", "1"]
+               + [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()])
+    pipe = load_pipeline(out / "tiny-sd", progress=False)
+    assert pipe.unet.config.sample_size == 8 and pipe.vae.config.scaling_factor != 1.0
+    assert (out / "tiny-sd" / "tokenizer" / "vocab.json").exists()
+    assert (out / "tiny-clip" / "model.safetensors").exists()
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
+
+
+def test_unknown_stage_is_an_error(tmp_path):
+    with pytest.raises(SystemExit):
+        train.main(["--stages", "vae,teleport", "--work", str(tmp_path)])
