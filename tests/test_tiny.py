@@ -103,3 +103,19 @@ def test_training_writes_a_loadable_pipeline_and_scorer(tmp_path):
 def test_unknown_stage_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         train.main(["--stages", "vae,teleport", "--work", str(tmp_path)])
+
+
+def test_partial_captions_name_only_kept_attributes():
+    a = dataset.Attrs("small", "green", "circle", "black")
+    assert train.partial_caption(a, np.array([True] * 4)) == a.caption
+    assert train.partial_caption(a, np.array([False, True, False, False])) == "a green shape"
+    assert train.partial_caption(a, np.array([True, False, True, True])) == "a small circle on a black background"
+    texts, keep = train._partial_captions([a] * 50, np.random.default_rng(0))
+    assert keep.any(1).all() and len(set(texts)) > 5
+
+
+def test_multi_positive_loss_rewards_mass_on_positives():
+    pos = torch.tensor([[True, True, False], [False, False, True], [False, False, True]])
+    good = torch.where(pos, 10.0, -10.0)
+    assert train._multi_positive_loss(good, pos) < 1e-3
+    assert train._multi_positive_loss(-good, pos) > 5

@@ -82,9 +82,8 @@ def build_scheduler() -> DPMSolverMultistepScheduler:
 
 
 def build_clip(vocab_size: int, bos_id: int, eos_id: int) -> CLIPModel:
-    # 4x4 patches: with 8x8 ones small circles and squares (14-22 px) were confused
     vision = CLIPVisionConfig(
-        image_size=64, patch_size=4, hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4
+        image_size=64, patch_size=8, hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4
     )
     cfg = CLIPConfig(
         text_config=text_config(vocab_size, bos_id, eos_id).to_dict(),
