@@ -1,6 +1,8 @@
 """Mixed-bit against uniform palettization of the UNet at equal or smaller size (issue 7).
 
-    python benchmarks/mixed_bit.py [--model tiny] [--out runs/mixed-bit-bench] [--objective latent_mse]
+    python benchmarks/mixed_bit.py [--model tiny] [--out runs/mixed-bit-bench] [--objectives latent_mse image_mse]
+    python benchmarks/mixed_bit.py --nbits 2 3 4 6 8 --grouped-nbits 3 4 --apple-per-tensor   # ~15 min, as reported
+    python benchmarks/mixed_bit.py --report-only        # print the rows already measured
 
 Runs the whole study on the embedded model: uniform 4-bit and 3-bit UNet recipes (per-tensor and
 g=16) through the sweep engine; the per-layer sensitivity analysis (cached: a rerun resumes);
@@ -43,15 +45,26 @@ def main():
     p.add_argument("--model", default="tiny")
     p.add_argument("--out", type=Path, default=Path("runs/mixed-bit-bench"))
     p.add_argument("--scorer", default="tiny", help="CLIP scorer; 'none' for PSNR/SSIM only")
-    p.add_argument("--objective", default="latent_mse", choices=mb.OBJECTIVES)
+    p.add_argument("--objectives", nargs="+", default=["latent_mse", "image_mse"], choices=mb.OBJECTIVES,
+                   help="the greedy's additive drift; one greedy recipe per objective and budget")
     p.add_argument("--probe-steps", type=int, default=4)
     p.add_argument("--probe-seeds", type=int, default=1)
+    p.add_argument("--nbits", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8], help="candidate bit widths")
+    p.add_argument("--group-size", type=int, default=16, help="candidate LUT group size (besides per-tensor)")
+    p.add_argument("--grouped-nbits", type=int, nargs="+", default=None,
+                   help="bit widths that also get the grouped candidate (default: all)")
+    p.add_argument("--max-layers", type=int, default=None, help="analyse only the first n layers (dry runs)")
     p.add_argument("--no-apple", action="store_true", help="skip Apple's method (and its cumulative pass)")
+    p.add_argument("--apple-per-tensor", action="store_true",
+                   help="Apple's cumulative pass on per-tensor candidates only, as Apple's scripts (half the time)")
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--engine", default="sdwork", choices=["sdwork", "coremltools"])
+    p.add_argument("--report-only", action="store_true", help="print the report of the rows already in --out")
     a = p.parse_args()
+    if a.report_only:
+        return report_only(a.out)
     t0 = time.perf_counter()
     scorer = None if a.scorer == "none" else a.scorer
     uniform = [mb.uniform_recipe(b, g, engine=a.engine) for b in a.bits for g in (None, 16)]
@@ -61,24 +74,43 @@ def main():
     t_uniform = time.perf_counter()
 
     probe = ProbeSettings(seeds=tuple(range(a.probe_seeds)), steps=a.probe_steps)
-    sens = Sensitivity(SensitivityConfig(model=a.model, probe=probe), a.out, pipe=ctx.pipe)
+    cfg = SensitivityConfig(model=a.model, probe=probe, nbits=a.nbits, group_sizes=(None, a.group_size),
+                            grouped_nbits=a.grouped_nbits, max_layers=a.max_layers)
+    sens = Sensitivity(cfg, a.out, pipe=ctx.pipe)
     table = sens.run()
     methods = ("greedy",) if a.no_apple else ("greedy", "apple")
-    cumulative = None if a.no_apple else sens.run_cumulative()
+    apple_specs = [s for s in cfg.specs if s.granularity == "per_tensor" or not a.apple_per_tensor]
+    cumulative = None if a.no_apple else sens.run_cumulative(apple_specs)
     t_sens = time.perf_counter()
 
     unet_bytes = results[results["method"] == "uniform"].groupby("nbits")["bytes_unet"].min()
     budgets = {f"{b}-bit": (int(unet_bytes[b]), LayerSpec(b)) for b in a.bits}
-    entries = mb.mixed_recipes(sens, table, ctx.fp16_packages["unet"], ctx.weight_maps["unet"], budgets, methods,
-                               cumulative, a.objective, a.engine)
+    entries = []
+    for i, objective in enumerate(a.objectives):  # Apple's method does not use the objective: once
+        entries += mb.mixed_recipes(sens, table, ctx.fp16_packages["unet"], ctx.weight_maps["unet"], budgets,
+                                    methods if i == 0 else ("greedy",), cumulative, objective, a.engine)
     results = mb.add_rows(ctx, entries)
     t_end = time.perf_counter()
 
     report = summarise(results, uniform_names=[r.name for r in uniform], mixed_names=[r.name for r, _ in entries])
-    report.update(model=a.model, objective=a.objective, layers=len(sens.layers), sensitivity_rows=len(table),
+    report.update(model=a.model, objectives=a.objectives, layers=len(sens.layers), sensitivity_rows=len(table),
                   seconds=dict(uniform=round(t_uniform - t0), sensitivity=round(t_sens - t_uniform),
                                mixed=round(t_end - t_sens)))
     (a.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    print_report(report)
+
+
+def report_only(out: Path) -> None:
+    from sdwork.sweep import load_results
+
+    results = load_results(out)
+    if results.empty:
+        raise SystemExit(f"no results in {out}: run the benchmark first")
+    uniform = list(results.loc[results["method"] == "uniform", "name"])
+    mixed = list(results.loc[results["method"] != "uniform", "name"])
+    report = summarise(results, uniform, mixed)
+    report.update(model=results["model"].iloc[0], objectives=sorted(set(results["objective"].dropna())),
+                  layers="?", sensitivity_rows="?", seconds="(not run: --report-only)")
     print_report(report)
 
 
@@ -88,7 +120,10 @@ def summarise(results, uniform_names, mixed_names) -> dict:
     rows = []
     for name in list(dict.fromkeys(uniform_names + mixed_names)):
         r = df.loc[name]
-        rows.append(dict(name=name, method=r.get("method"), target=r.get("target"), bits=float(r["bits_per_weight"]),
+        method = r.get("method")
+        if method == "greedy":
+            method += "/" + str(r.get("objective")).split("_")[0]  # greedy/latent, greedy/image
+        rows.append(dict(name=name, method=method, target=_text(r.get("target")), bits=float(r["bits_per_weight"]),
                          bytes_unet=int(r["bytes_unet"]), size_ratio=r["bytes_unet"] / ref["bytes_unet"],
                          psnr=float(r["psnr"]), ssim=float(r["ssim"]), d_psnr=float(r["psnr"] - ref["psnr"]),
                          d_ssim=float(r["ssim"] - ref["ssim"]),
@@ -103,15 +138,19 @@ def summarise(results, uniform_names, mixed_names) -> dict:
     return dict(reference=REFERENCE, rows=rows, beats_uniform_4bit=verdicts)
 
 
+def _text(v) -> str:
+    return "" if v is None or (isinstance(v, float) and v != v) else str(v)
+
+
 def print_report(rep: dict) -> None:
     print(f"\nreference: {rep['reference']} (measured in this run); model {rep['model']}, "
-          f"{rep['layers']} layers, {rep['sensitivity_rows']} sensitivity rows, objective {rep['objective']}")
-    head = f"{'variant':34s} {'method':8s} {'target':6s} {'bits':>6s} {'size/ref':>8s} {'PSNR':>7s} {'dPSNR':>7s} " \
+          f"{rep['layers']} layers, {rep['sensitivity_rows']} sensitivity rows, greedy objectives {rep['objectives']}")
+    head = f"{'variant':34s} {'method':13s} {'target':6s} {'bits':>6s} {'size/ref':>8s} {'PSNR':>7s} {'dPSNR':>7s} " \
            f"{'SSIM':>7s} {'dSSIM':>8s} {'CLIP':>7s}"
     print(head)
     for r in rep["rows"]:
         clip = f"{r['clip']:.4f}" if r["clip"] is not None else "-"
-        print(f"{r['name'][:34]:34s} {str(r['method']):8s} {str(r['target'] or '')[:6]:6s} {r['bits']:6.3f} "
+        print(f"{r['name'][:34]:34s} {str(r['method']):13s} {r['target'][:6]:6s} {r['bits']:6.3f} "
               f"{r['size_ratio']:8.4f} {r['psnr']:7.2f} {r['d_psnr']:+7.2f} {r['ssim']:7.4f} {r['d_ssim']:+8.4f} {clip:>7s}")
     for name, ok in rep["beats_uniform_4bit"].items():
         print(f"{name}: {'beats' if ok else 'does NOT beat'} uniform 4-bit per-tensor and g=16 on PSNR and SSIM "

@@ -215,7 +215,10 @@ def main(argv=None):
         results = {}
         for engine in engines:
             results[engine] = measure(engine, nbits, group, args)
-            print(f"  {engine} done: {results[engine][0]['wall']:.1f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+            res, rss = results[engine]
+            print(f"  {engine} done: {len(res['rows'])} layers, wall {res['wall']:.1f} s, cpu {res['cpu']:.1f} s, "
+                  f"peak {rss:.2f} GiB, mean rel MSE {mean_rel_mse(res['rows']):.4e}, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
         report(nbits, group, results, args.layers)
 
 

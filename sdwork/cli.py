@@ -55,7 +55,7 @@ def _sweep(args) -> int:
     t0 = time.perf_counter()
     df = run_sweep(cfg, args.out, progress=not args.no_progress, keep_packages=not args.drop_packages)
     print(_table(summary_table(df)))
-    print(f"{len(df)} rows in {args.out}/results.jsonl ({time.perf_counter() - t0:.0f} s)")
+    print(f"{len(df)} variants of this grid in {args.out}/results.jsonl ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 

@@ -50,7 +50,8 @@ class Compressed:
     packages: dict[str, Path]  # every component: compressed ones in out_dir, the others the fp16 originals
     sizes: dict[str, PackageSizes]
     warnings: dict[str, list[str]] = field(default_factory=dict)  # engine log lines per component
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock of the engine
+    cpu_seconds: float = 0.0  # CPU time of this process (all threads): comparable across machine loads
 
 
 def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None, progress: bool = True) -> Compressed:
@@ -67,7 +68,7 @@ def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None,
     for comp in recipe.components:
         _check_target(fp16_packages[comp], recipe)
     _check_overrides(recipe, fp16_packages)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     if recipe.engine == "torch":
         written, warnings = _compress_torch(recipe, pipe, out_dir, progress)
     else:
@@ -77,10 +78,28 @@ def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None,
             warnings[comp] = _compress_coreml(recipe, fp16_packages[comp], dst, progress)
             _copy_sidecars(fp16_packages[comp], dst)
             written[comp] = dst
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     packages = {**fp16_packages, **written}
     sizes = {c: package_sizes(p) for c, p in packages.items()}
-    return Compressed(recipe, packages, sizes, warnings, seconds)
+    result = Compressed(recipe, packages, sizes, warnings, seconds, cpu)
+    _check_something_compressed(result)
+    return result
+
+
+def _check_something_compressed(result: Compressed) -> None:
+    """Skipping some layers is reported per layer; skipping every layer of a component is an error."""
+    for comp in result.recipe.components:
+        if any(l.compressed for l in result.sizes[comp].layers):
+            continue
+        skipped = [l for l in uncompressed_layers(result) if l["component"] == comp]
+        kinds = {l["kind"] for l in skipped if l["kind"] not in ("one_d", "below_threshold")}
+        if kinds and kinds != {"override"}:
+            example = next(l for l in skipped if l["kind"] in kinds)
+            raise ValueError(
+                f"recipe {result.recipe.name} compressed no weight of {comp}: every candidate was skipped, e.g. "
+                f"{example['name']}: {example['reason']}. Pick settings that fit this model (e.g. a group_size "
+                "that divides the output channels)"
+            )
 
 
 # --- Core ML side -------------------------------------------------------------------

@@ -7,7 +7,7 @@ learns to live with its palette. Here the UNet is fine-tuned by distillation
 from its own frozen fp16 copy (no dataset needed, see sdwork.distill), or with
 the standard noise-prediction loss on the embedded model's own images.
 
-    s = DKMSettings(nbits=2, steps=300)
+    s = DKMSettings(nbits=2, steps=100)
     run = train(pipe, s, "runs/dkm/km2")        # checkpoints, resume, loss.csv
     pkg = convert(pipe, run.unet, "runs/dkm/km2/package", s)   # LUT ops kept
     check_luts(pkg, run, s)                     # really palettized, as expected
@@ -51,7 +51,7 @@ class DKMSettings:
     cluster_dim: int = 1
     weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD  # weights with more elements are palettized
     milestone: int = 0  # optimizer step at which palettization starts
-    steps: int = 300
+    steps: int = 100
     lr: float = 1e-4
     batch: int = 32
     objective: str = "distill"  # "distill" (teacher's prediction) or "dataset" (noise-prediction loss)
@@ -150,6 +150,7 @@ def _exact_kmeans_start(student: torch.nn.Module, s: DKMSettings) -> None:
     post-training palettization itself (coremltools' kmeans++ start is approximate and slow here)."""
     from sdwork.kmeans1d import cluster_rows
 
+    threads = torch.get_num_threads()  # numba's OpenMP pool resets torch's thread count: pin it back after
     for m in student.modules():
         fq = getattr(m, "weight_fake_quant", None)
         if fq is None:
@@ -160,6 +161,7 @@ def _exact_kmeans_start(student: torch.nn.Module, s: DKMSettings) -> None:
         lut, _ = cluster_rows(rows, s.nbits)
         fq.centroids = [torch.from_numpy(row.astype(np.float32)).view(-1, 1) for row in lut]
         fq.labels = [None] * len(lut)
+    torch.set_num_threads(threads)
 
 
 def _expected_layers(model: torch.nn.Module, s: DKMSettings) -> dict[str, tuple]:
@@ -197,7 +199,8 @@ class DKMRun:
     unet: torch.nn.Module  # finalized: LUT-valued weights plus coremltools' _COREML_ metadata buffers
     losses: pd.DataFrame  # step, loss, seconds
     skipped: list[dict]
-    seconds: float  # training time of this call (0 when the run was already complete)
+    seconds: float  # training wall time of this call (0 when the run was already complete)
+    cpu_seconds: float  # CPU time of the same: what the run costs on a machine shared with other jobs
     peak_rss_bytes: int  # the process's resident-memory high-water mark after training
     resumed_from: int = 0
     extra: dict = field(default_factory=dict)
@@ -222,7 +225,7 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
         student, palettizer, skipped = prepare_student(pipe.unet, s)
         opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=0.0)
         start, losses = _resume(run_dir, student, opt, palettizer)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bar = tqdm(range(start, s.steps), desc=f"DKM {s.name}", initial=start, total=s.steps, disable=not progress)
         for step in bar:
             losses.append(_step(student, teacher, palettizer, opt, data.batch(step), _lr_at(step, s), t0))
@@ -230,11 +233,22 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
             if (step + 1) % s.ckpt_every == 0 or step + 1 == s.steps:
                 _save_checkpoint(run_dir, student, opt, step + 1, losses)
         seconds = time.perf_counter() - t0 if start < s.steps else 0.0
+        cpu = time.process_time() - c0 if start < s.steps else 0.0
         with _quiet_coremltools():
-            unet = palettizer.finalize(inplace=True).eval()
+            unet = _round_to_fp16(palettizer.finalize(inplace=True).eval())
     table = pd.DataFrame(losses, columns=["step", "loss", "seconds"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return DKMRun(s, run_dir, unet, table, skipped, seconds, peak, resumed_from=start)
+    return DKMRun(s, run_dir, unet, table, skipped, seconds, cpu, peak, resumed_from=start)
+
+
+@torch.no_grad()
+def _round_to_fp16(unet: torch.nn.Module) -> torch.nn.Module:
+    """Every float weight, bias and LUT snapped to fp16, the values the Core ML package will hold:
+    the torch model then computes exactly what the package does."""
+    for t in list(unet.parameters()) + list(unet.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.to(torch.float16).to(t.dtype))
+    return unet
 
 
 def _make_data(pipe, s: DKMSettings, prompts):
@@ -505,7 +519,8 @@ def variant_row(ctx, run: DKMRun, package: Path, prompts: list[str] | None = Non
         coreml_predict=ev.coreml_predict, images=str(images_file.relative_to(ctx.out_dir)),
         packages=str(Path(package).parent.relative_to(ctx.out_dir)) if _inside(package, ctx.out_dir) else str(package),
         settings=asdict(ctx.config.settings),
-        dkm=s.to_dict(), train_s=round(run.seconds, 3), peak_rss_bytes=run.peak_rss_bytes,
+        dkm=s.to_dict(), train_s=round(run.seconds, 3), train_cpu_s=round(run.cpu_seconds, 3),
+        peak_rss_bytes=run.peak_rss_bytes,
         final_loss=float(run.losses["loss"].tail(10).mean()) if len(run.losses) else None,
     )
     return row, ev.images

@@ -30,6 +30,7 @@ class Evaluation:
     means: dict[str, float]
     seconds: float
     coreml_predict: str  # what happened to running the package itself
+    cpu_seconds: float = 0.0  # CPU time of this process (all threads)
 
 
 def load_variant(pipe_fp16, packages: dict):
@@ -42,12 +43,13 @@ def load_variant(pipe_fp16, packages: dict):
 def evaluate(pipe_fp16, packages: dict, settings: GenSettings, baseline: np.ndarray, scorer=None,
              progress: bool = True) -> Evaluation:
     """Generate with the packages' weights and score against `baseline` (the fp16 images)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     pipe = load_variant(pipe_fp16, packages)
     images = generate(pipe, settings, progress=progress)
     del pipe
     table, per_prompt, means = score(baseline, images, settings, scorer)
-    return Evaluation(images, table, per_prompt, means, time.perf_counter() - t0, coreml_predict_status())
+    return Evaluation(images, table, per_prompt, means, time.perf_counter() - t0, coreml_predict_status(),
+                      time.process_time() - c0)
 
 
 def score(baseline: np.ndarray, images: np.ndarray, settings: GenSettings, scorer=None):

@@ -18,7 +18,9 @@ from tqdm.auto import tqdm
 from sdwork.pipeline import ROOT, round_weights_to_fp16, weights_hash
 
 BASELINES = ROOT / "runs" / "baselines"
-DEFAULT_THREADS = 2
+# One thread: the tiny UNet's ops are too small to gain from two, and on a busy 2-core machine
+# two OpenMP threads wait on each other at every op (measured 50-80x slower under load).
+DEFAULT_THREADS = 1
 
 
 @dataclass(frozen=True)

@@ -36,10 +36,18 @@ by the same sequential code.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:
     import numba
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # numba picks OpenMP when present, and libgomp's threads spin between parallel loops: on this
+        # shared 2-core machine that cost 25x the CPU and ~0.4 s of wall time per call. The plain
+        # workqueue layer sleeps instead (set NUMBA_THREADING_LAYER to choose another).
+        numba.config.THREADING_LAYER = "workqueue"
 except ImportError as e:  # a clear error at use, not at import of sdwork
     numba = None
     _NUMBA_ERROR = e
@@ -59,7 +67,7 @@ def _require_numba():
 # ---------------------------------------------------------------- public API
 
 def palettize_weight(w: np.ndarray, nbits: int, granularity: str = "per_tensor",
-                     group_size: int = 32, channel_axis: int = 0):
+                     group_size: int = 32, channel_axis: int = 0, return_sse: bool = False):
     """(lut, indices) for one weight, in the iOS18 constexpr_lut_to_dense layout.
 
     lut has rank w.ndim + 2: shape 1 everywhere except G = channels / group_size
@@ -67,7 +75,8 @@ def palettize_weight(w: np.ndarray, nbits: int, granularity: str = "per_tensor",
     second-to-last axis and 1 (the vector size) on the last, dtype w.dtype.
     indices has w's shape, dtype uint8, values < 2**nbits. This is exactly
     what coremltools' palettize_weights pass builds before packing the indices
-    into uint{nbits} (see `grouped_channelwise_compress`).
+    into uint{nbits} (see `grouped_channelwise_compress`). With return_sse, a
+    third value: the float64 sum of squared errors of the stored result.
     """
     w = np.asarray(w)
     nbits = check_nbits(nbits)
@@ -90,11 +99,11 @@ def palettize_weight(w: np.ndarray, nbits: int, granularity: str = "per_tensor",
         )
     groups = channels // group_size
     moved = np.moveaxis(w, axis, 0)  # groups are contiguous runs of rows, like coremltools
-    lut, idx = cluster_rows(np.ascontiguousarray(moved).reshape(groups, -1), nbits)
+    lut, idx, sse = cluster_rows(np.ascontiguousarray(moved).reshape(groups, -1), nbits, return_sse=True)
     indices = np.moveaxis(idx.reshape(moved.shape), 0, axis)
     shape = [1] * (w.ndim + 2)
     shape[axis], shape[-2] = groups, 1 << nbits
-    return lut.reshape(shape), indices
+    return (lut.reshape(shape), indices, float(sse.sum())) if return_sse else (lut.reshape(shape), indices)
 
 
 def cluster_rows(rows: np.ndarray, nbits: int, return_sse: bool = False):
@@ -127,14 +136,19 @@ def cluster_rows(rows: np.ndarray, nbits: int, return_sse: bool = False):
 def decompress(lut: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """Dense weight from an iOS18 scalar LUT (vector size 1) and its indices."""
     lut = np.asarray(lut)
-    indices = np.asarray(indices).astype(np.int64)
+    indices = np.asarray(indices)
     if lut.ndim != indices.ndim + 2 or lut.shape[-1] != 1:
         raise ValueError(f"lut of shape {lut.shape} does not fit indices of shape {indices.shape} (scalar LUTs only)")
-    reps = [i // l for i, l in zip(indices.shape, lut.shape[:-2])]
-    table = lut[..., 0]
-    for axis, r in enumerate(reps):  # expand every LUT to the block it covers
-        table = np.repeat(table, r, axis=axis)
-    return np.take_along_axis(table, indices[..., None], axis=-1)[..., 0]
+    groups = lut.shape[:-2]
+    if any(s % g for s, g in zip(indices.shape, groups)):
+        raise ValueError(f"lut of shape {lut.shape} does not tile indices of shape {indices.shape}")
+    # which LUT each element reads: its block coordinate along every axis, flattened
+    row = np.zeros([1] * indices.ndim, np.int64)
+    for axis, (s, g) in enumerate(zip(indices.shape, groups)):
+        shape = [1] * indices.ndim
+        shape[axis] = s
+        row = row * g + (np.arange(s) // (s // g)).reshape(shape)
+    return lut.reshape(-1, lut.shape[-2])[row, indices]
 
 
 def check_nbits(nbits) -> int:
@@ -148,14 +162,10 @@ def check_nbits(nbits) -> int:
 def _grid(rows: np.ndarray):
     """Sorted distinct values of the whole array (float64) and each element's rank in them (int32)."""
     if rows.dtype == np.float16:
-        rows = rows + np.float16(0)  # -0.0 becomes +0.0, so one zero
-        u = rows.view(np.uint16)
-        keys = np.where(u & 0x8000, ~u, u | 0x8000).astype(np.uint16)  # order-preserving
-        present = np.bincount(keys.ravel(), minlength=1 << 16) > 0
-        rank = (np.cumsum(present) - 1).astype(np.int32)
-        gk = np.flatnonzero(present).astype(np.uint16)
-        gu = np.where(gk & 0x8000, gk & 0x7FFF, ~gk).astype(np.uint16)
-        return gu.view(np.float16).astype(np.float64), rank[keys]
+        u = np.ascontiguousarray(rows).view(np.uint16)
+        ranks = np.empty(rows.shape, np.int32)
+        grid = _grid16(u.reshape(-1), ranks.reshape(-1))
+        return grid.view(np.float16).astype(np.float64), ranks
     grid, inverse = np.unique(rows.astype(np.float64) + 0.0, return_inverse=True)
     return grid, inverse.reshape(rows.shape).astype(np.int32)
 
@@ -168,6 +178,34 @@ def _jit(parallel=False):
             return fn
         return numba.njit(cache=True, parallel=parallel, nogil=True)(fn)
     return wrap
+
+
+@_jit()
+def _key16(u):
+    """Order-preserving 16-bit key of an fp16 bit pattern; -0.0 maps onto +0.0."""
+    if u == 0x8000:
+        u = 0
+    return (u ^ 0xFFFF) if u & 0x8000 else (u | 0x8000)
+
+
+@_jit()
+def _grid16(u, ranks):
+    """Distinct fp16 bit patterns of u in value order (returned) and each element's rank among them."""
+    present = np.zeros(1 << 16, np.bool_)
+    for i in range(u.shape[0]):
+        present[_key16(u[i])] = True
+    rank = np.empty(1 << 16, np.int32)
+    n = 0
+    for key in range(1 << 16):
+        rank[key] = n
+        n += present[key]
+    grid = np.empty(n, np.uint16)
+    for key in range(1 << 16):
+        if present[key]:
+            grid[rank[key]] = (key & 0x7FFF) if key & 0x8000 else (key ^ 0xFFFF)
+    for i in range(u.shape[0]):
+        ranks[i] = rank[_key16(u[i])]
+    return grid
 
 
 @_jit()
@@ -326,7 +364,7 @@ def _kmeans_exact(x, w, k, out, lam0=-1.0):
             lam = (lo_sse - hi_sse) / (hi_c - lo_c)  # hull walk
         else:  # SSE ~ 1/k^2, so the penalty that gives k runs scales ~ 1/k^3; overshoot to cross k
             r = c / k
-            lam = lam * r * r * r * (1.5 if c > k else 1 / 1.5)
+            lam = lam * r * r * r * (1.005 if c > k else 1 / 1.005)
     _kmeans_layered(x, w, k, out, S0, S1, S2)
     return -1.0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -65,12 +66,14 @@ class ClipScorer:
     path: "tiny" (the project's own small CLIP in data/models/tiny-clip),
     "tiny-random" (same architecture, random init, seed 0: for tests), a local
     folder written by save_pretrained, or a hub id (already downloaded when offline).
+    Torch runs on `threads` threads while scoring (the count changes the last bits).
     """
 
-    def __init__(self, path: str | os.PathLike = "tiny", batch_size: int = 64):
+    def __init__(self, path: str | os.PathLike = "tiny", batch_size: int = 64, threads: int = 1):
         self.model, self.tokenizer, self.processor, self.name = _load_clip(path)
         self.model.eval()
         self.batch_size = batch_size
+        self.threads = threads
         text_cfg = self.model.config.text_config
         self.max_length = min(self.tokenizer.model_max_length, text_cfg.max_position_embeddings)
 
@@ -79,21 +82,23 @@ class ClipScorer:
         """L2-normalised embeddings (N, D) of uint8 (N, H, W, 3) images."""
         images = _check_images(images)
         out = []
-        for i in range(0, len(images), self.batch_size):
-            pixels = self.processor(images=list(images[i : i + self.batch_size]), return_tensors="pt").pixel_values
-            out.append(_features(self.model.get_image_features(pixel_values=pixels)))
+        with _torch_threads(self.threads):
+            for i in range(0, len(images), self.batch_size):
+                pixels = self.processor(images=list(images[i : i + self.batch_size]), return_tensors="pt").pixel_values
+                out.append(_features(self.model.get_image_features(pixel_values=pixels)))
         return torch.nn.functional.normalize(torch.cat(out).double(), dim=-1)
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised embeddings (N, D) of prompts, padded as SD pads them (to max_length)."""
         out = []
-        for i in range(0, len(prompts), self.batch_size):
-            ids = self.tokenizer(
-                list(prompts[i : i + self.batch_size]), padding="max_length", max_length=self.max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids
-            out.append(_features(self.model.get_text_features(input_ids=ids)))
+        with _torch_threads(self.threads):
+            for i in range(0, len(prompts), self.batch_size):
+                ids = self.tokenizer(
+                    list(prompts[i : i + self.batch_size]), padding="max_length", max_length=self.max_length,
+                    truncation=True, return_tensors="pt",
+                ).input_ids
+                out.append(_features(self.model.get_text_features(input_ids=ids)))
         return torch.nn.functional.normalize(torch.cat(out).double(), dim=-1)
 
     def image_image(self, ref_images: np.ndarray, images: np.ndarray) -> np.ndarray:
@@ -115,6 +120,16 @@ class ClipScorer:
 
     def __repr__(self):
         return f"ClipScorer({self.name!r})"
+
+
+@contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _features(out) -> torch.Tensor:

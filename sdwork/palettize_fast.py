@@ -167,21 +167,19 @@ class SdworkPalettizePass(_CoremlPalettizePass):
             row["reason"] = (f"{channels} channels on axis {axis} not divisible by group_size {group} "
                              "(left in full precision, like coremltools)")
             return None
+        w = original_data.astype(np.float64)
         if mode in DELEGATED_MODES:
             params = _CoremlPalettizePass.blockwise_compress(
                 original_data, mode, nbits, block_sizes, lut_function, cluster_dim, channel_axis, 1)
-            lut = params.lut
-            dense = _CoremlPalettizePass.decompress(params)
+            sse = float(np.square(_CoremlPalettizePass.decompress(params).astype(np.float64) - w).sum())
         else:
             granularity = "per_tensor" if group == channels else "per_grouped_channel"
-            lut, indices = kmeans1d.palettize_weight(original_data, nbits, granularity, group, axis)
+            lut, indices, sse = kmeans1d.palettize_weight(original_data, nbits, granularity, group, axis,
+                                                          return_sse=True)
             dtype = types.nptype_from_builtin(types.string_to_builtin(f"uint{nbits}"))
             params = ct_optimize_utils.LutParams(indices.astype(dtype), lut, None)
-            dense = kmeans1d.decompress(lut, indices)
-        w = original_data.astype(np.float64)
-        row.update(status="palettized", reason="", n_luts=int(np.prod(lut.shape[:-2])),
-                   weight_sq_sum=float(np.square(w).sum()),
-                   sq_err_sum=float(np.square(dense.astype(np.float64) - w).sum()))
+        row.update(status="palettized", reason="", n_luts=int(np.prod(params.lut.shape[:-2])),
+                   weight_sq_sum=float(np.square(w).sum()), sq_err_sum=sse)
         return params
 
     def report(self) -> pd.DataFrame:

@@ -42,13 +42,20 @@ def size_vs_metrics(results: pd.DataFrame, metrics=None, x: str = "size_bytes"):
         front = df[pareto_front(df, "_x", "_y")].sort_values("_x")
         ax.plot(front["_x"], front["_y"], "k--", lw=1, label="Pareto front")
         for _, r in front.iterrows():
-            ax.annotate(r["name"], (r["_x"], r["_y"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(_short(r["name"], results), (r["_x"], r["_y"]), fontsize=6, xytext=(3, 3),
+                        textcoords="offset points")
         ax.set_xlabel(f"{x} (MB)")
         ax.set_ylabel(METRIC_LABELS.get(m, m))
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _short(name: str, results: pd.DataFrame) -> str:
+    """Drop the engine suffix when every variant shares the engine (it only clutters the labels)."""
+    engines = set(results["engine"]) if "engine" in results else set()
+    return name.removesuffix(f"-{engines.pop()}") if len(engines) == 1 else name
 
 
 def _granularity_label(df: pd.DataFrame) -> pd.Series:

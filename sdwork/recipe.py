@@ -8,7 +8,9 @@ config that `ct.optimize.coreml.palettize_weights` takes.
 Defaults follow coremltools and Apple's ml-stable-diffusion: k-means, per-tensor,
 weight_threshold 2048, and the text encoder plus the UNet compressed (what
 `--quantize-nbits` does); the VAE decoder stays fp16 unless asked for, because
-it is small and works in pixel space where errors show directly.
+it is small and works in pixel space where errors show directly. The engine
+defaults to "coremltools" (the reference implementation); the grids in
+data/grids/ choose the faster "sdwork" drop-in, which takes the same configs.
 """
 from __future__ import annotations
 

@@ -255,6 +255,7 @@ class SensitivityConfig:
     probe: ProbeSettings = field(default_factory=ProbeSettings)
     nbits: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
     group_sizes: tuple = (None, 16)  # None: per-tensor
+    grouped_nbits: tuple[int, ...] | None = None  # bit widths that also get grouped LUTs (None: all)
     min_numel: int = DEFAULT_WEIGHT_THRESHOLD  # analyse weights with more elements (coremltools' threshold)
     max_layers: int | None = None  # analyse only the first n eligible layers (quick runs, CI)
     only_layers: tuple[str, ...] | None = None  # analyse only these modules (names inside the component)
@@ -267,12 +268,18 @@ class SensitivityConfig:
             self.probe = ProbeSettings(**self.probe)
         self.nbits, self.group_sizes = tuple(self.nbits), tuple(self.group_sizes)
         self.specs = candidates(self.nbits, self.group_sizes)  # validates every pair
+        if self.grouped_nbits is not None:
+            self.grouped_nbits = tuple(self.grouped_nbits)
+            self.specs = [s for s in self.specs if s.granularity == "per_tensor" or s.nbits in self.grouped_nbits]
         if self.palettizer == "auto":
             self.palettizer = palettizer_name()
 
 
 class Sensitivity:
-    """A sensitivity run bound to a folder: `run()` fills in missing rows, `table()` reads them."""
+    """A sensitivity run bound to a folder: `run()` fills in missing rows, `table()` reads them.
+
+    `pipe` (loaded from config.model when None) has its weights rounded to fp16 in place: that is
+    the baseline every row is measured against. Measurements swap weights in and restore them."""
 
     def __init__(self, config: SensitivityConfig, out_dir, pipe=None, progress: bool = True,
                  cache_bytes: int = 1 << 30):
@@ -391,8 +398,10 @@ class Sensitivity:
                     weight_rel_rmse=err / max(float(np.sqrt((w**2).mean())), 1e-30))
 
     def table(self) -> pd.DataFrame:
-        """Rows of this run's layers: one per (layer, candidate), in layer order."""
-        return _frame(read_rows(self.dir / SINGLE), [l.module for l in self.layers])
+        """Rows of this run's layers and candidates: one per (layer, candidate), in layer order."""
+        names = {candidate_name(s) for s in self.config.specs}
+        return _frame([r for r in read_rows(self.dir / SINGLE) if r["candidate"] in names],
+                      [l.module for l in self.layers])
 
     # -- Apple's cumulative pass
 

@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -142,8 +141,8 @@ def prepare(config: SweepConfig, out_dir, progress: bool = True) -> SweepContext
     out_dir = Path(out_dir)
     pipe = load_pipeline(config.model, progress=False)
     baseline = fp16_baseline(pipe, config.settings, progress=progress)  # also rounds pipe to fp16
-    _init_run_dir(config, out_dir, baseline)
     digest = weights_hash(pipe)
+    _init_run_dir(config, out_dir, baseline, digest)
     components = _needed_components(config.recipes)
     fp16 = _fp16_packages(pipe, digest, components, progress)
     from sdwork.convert import load_weight_map
@@ -153,11 +152,19 @@ def prepare(config: SweepConfig, out_dir, progress: bool = True) -> SweepContext
     return SweepContext(config, out_dir, pipe, baseline, digest, fp16, maps, scorer)
 
 
-def _init_run_dir(config: SweepConfig, out_dir: Path, baseline: np.ndarray) -> None:
+def _init_run_dir(config: SweepConfig, out_dir: Path, baseline: np.ndarray, digest: str) -> None:
+    """Record the setup; a run folder holds one model, weights, generation settings and scorer, so
+    variant names (and image files) never mix across setups."""
+    setup = dict(model=config.model, weights_hash=digest, scorer=config.scorer,
+                 generation=json.loads(json.dumps(asdict(config.settings))))
+    path = out_dir / "config.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if {k: old.get(k) for k in setup} != setup:
+            raise ValueError(f"{out_dir} holds a sweep of another model, weights, generation settings or scorer "
+                             f"({ {k: old.get(k) for k in setup if old.get(k) != setup[k]} }); use a new run folder")
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", dict(model=config.model, scorer=config.scorer, **config.extra,
-                                              generation=asdict(config.settings),
-                                              recipes=[r.to_dict() for r in config.recipes]))
+    _write_json(path, dict(setup, **config.extra, recipes=[r.to_dict() for r in config.recipes]))
     np.savez(out_dir / "images" / "baseline.npz", images=baseline, prompts=[p for p, _ in config.settings.pairs])
 
 
@@ -221,6 +228,7 @@ def run_variant(ctx: SweepContext, recipe: Recipe, progress: bool = False, out_d
         per_prompt=ev.per_prompt.to_dict("records"),
         clip_model=getattr(ctx.scorer, "name", None),
         compress_s=round(done.seconds, 3), evaluate_s=round(ev.seconds, 3),
+        compress_cpu_s=round(done.cpu_seconds, 3), evaluate_cpu_s=round(ev.cpu_seconds, 3),
         coreml_predict=ev.coreml_predict, images=str(images_file.relative_to(out_dir)),
         packages=str(folder.relative_to(out_dir)), settings=asdict(ctx.config.settings),
     )
@@ -250,13 +258,13 @@ def _size_columns(done, recipe: Recipe) -> dict:
 
 def run_sweep(config: SweepConfig, out_dir, progress: bool = True, keep_packages: bool = True,
               ctx: SweepContext | None = None) -> pd.DataFrame:
-    """Run every recipe not yet in out_dir/results.jsonl; return all rows."""
+    """Run every recipe not yet in out_dir/results.jsonl; return this config's rows, in grid order."""
     out_dir = Path(out_dir)
     if ctx is None:
         ctx = prepare(config, out_dir, progress)
     else:
         _check_same_setup(ctx, config)
-        _init_run_dir(config, out_dir, ctx.baseline)
+        _init_run_dir(config, out_dir, ctx.baseline, ctx.weights_hash)
     results = out_dir / RESULTS
     done = {r["key"] for r in read_rows(results)}
     todo = [r for r in config.recipes if ctx.key(r) not in done]
@@ -267,7 +275,10 @@ def run_sweep(config: SweepConfig, out_dir, progress: bool = True, keep_packages
         append_row(results, row)
         if not keep_packages:
             shutil.rmtree(out_dir / row["packages"], ignore_errors=True)
-    return load_results(out_dir)
+    df = load_results(out_dir)
+    order = {ctx.key(r): i for i, r in enumerate(config.recipes)}
+    df = df[df["key"].isin(order)]
+    return df.iloc[df["key"].map(order).argsort()].reset_index(drop=True)
 
 
 def _check_same_setup(ctx: SweepContext, config: SweepConfig) -> None:
@@ -364,7 +375,7 @@ def uncompressed_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def variant_package(run_dir, name: str, component: str) -> Path:
-    """Path of a variant's package for one component (the fp16 one if the variant left it alone)."""
+    """Path of a variant's compressed package for one component."""
     from sdwork.compress import PACKAGE_NAMES
 
     path = Path(run_dir) / "variants" / name / f"{PACKAGE_NAMES[component]}.mlpackage"

@@ -80,7 +80,8 @@ def test_too_old_target_is_refused_instead_of_writing_dense_fp16():
 def test_dkm_config_carries_the_settings():
     cfg = dkm.dkm_config(dkm.DKMSettings(nbits=3, granularity="per_grouped_channel", group_size=16, milestone=5))
     g = cfg.global_config
-    assert (g.n_bits, g.group_size, g.milestone, str(g.granularity)) == (3, 16, 5, "per_grouped_channel")
+    assert (g.n_bits, g.group_size, g.milestone, g.granularity.name) == (3, 16, 5, "per_grouped_channel")
+    assert (g.kmeans_max_iter, g.palett_tau) == (1, 1e-4)
 
 
 # ---------------------------------------------------------------- data
@@ -200,7 +201,7 @@ def test_package_holds_lut_ops_with_the_expected_size(pipe, trained, tmp_path):
 
 def test_convert_refuses_a_dense_target_before_any_work(pipe, trained, tmp_path):
     s, run, _ = trained
-    with pytest.raises(ValueError, match="use target='iOS16'"):
+    with pytest.raises(ValueError, match="Use target='iOS16'"):
         dkm.convert(pipe, run.unet, tmp_path, s, target="iOS15")
     assert not any(tmp_path.iterdir())
     with pytest.raises(ValueError, match="no palettization metadata"):

@@ -101,7 +101,12 @@ def test_layout_matches_coremltools(dtype):
         assert lut.shape == ref.lut.shape and lut.dtype == ref.lut.dtype == dtype
         assert idx.shape == ref.indices.shape == w.shape and idx.dtype == np.uint8
         dense = kmeans1d.decompress(lut, idx)
+        from coremltools.optimize import _utils as ct_utils
+
+        assert np.array_equal(dense, ct_utils.lut_to_dense(idx, lut, None))  # coremltools' own decoding
         assert np.square(dense - w).sum() <= np.square(ct_pass.decompress(ref) - w).sum() * (1 + 1e-6)
+        _, _, sse = kmeans1d.palettize_weight(w, 2, "per_grouped_channel", 4, axis, return_sse=True)
+        assert sse == pytest.approx(np.square(dense.astype(np.float64) - w.astype(np.float64)).sum(), rel=1e-9)
     lut, idx = kmeans1d.palettize_weight(w, 4)
     assert lut.shape == (1, 1, 1, 1, 16, 1)
 

@@ -231,7 +231,9 @@ def test_layer_options_validates():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     from sdwork import sensitivity as S
-    from sdwork.convert import convert_pipeline, load_weight_map
+    from sdwork.convert import load_weight_map
+    from sdwork.pipeline import weights_hash
+    from sdwork.sweep import GENERATION_COMPONENTS, _fp16_packages
 
     folder = tmp_path_factory.mktemp("mixed")
     probe = S.ProbeSettings(prompts=S.DEFAULT_PROMPTS[:1], seeds=(0,), steps=1)
@@ -241,7 +243,8 @@ def converted(tmp_path_factory):
                                            "down_blocks.1.attentions.0.proj_in", "conv_out"))
     sens = S.Sensitivity(cfg, folder / "sens", progress=False)
     table = sens.run()
-    pkg = convert_pipeline(sens.pipe, folder / "fp16", components=("unet",), progress=False)["unet"]
+    # the sweep's cache of converted fp16 packages (shared with the sweep and notebook tests)
+    pkg = _fp16_packages(sens.pipe, weights_hash(sens.pipe), GENERATION_COMPONENTS, progress=False)["unet"]
     consts = mb.const_names([l.module for l in sens.layers], load_weight_map(pkg))
     return sens, table, pkg, consts, folder
 

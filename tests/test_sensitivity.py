@@ -38,6 +38,8 @@ def test_candidate_names_round_trip():
     assert S.candidate_name(LayerSpec(4, "per_grouped_channel", 16)) == "4-g16"
     with pytest.raises(ValueError, match="candidate name"):
         S.parse_candidate("4-x16")
+    cfg = S.SensitivityConfig(nbits=(2, 4), group_sizes=(None, 16), grouped_nbits=(4,), palettizer="coremltools")
+    assert [S.candidate_name(s) for s in cfg.specs] == ["2-pt", "4-pt", "4-g16"]
 
 
 def test_layer_bytes_follow_the_size_formula():

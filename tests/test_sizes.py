@@ -131,6 +131,12 @@ def test_missing_package_and_unknown_override(fp16, tmp_path):
         compress(bad, {"unet": fp16["ios18"]}, tmp_path)
 
 
+def test_a_recipe_that_fits_no_layer_is_an_error(fp16, tmp_path):
+    r = Recipe(nbits=4, granularity="per_grouped_channel", group_size=128, components=("unet",))
+    with pytest.raises(ValueError, match=r"compressed no weight of unet.*not divisible by group_size 128"):
+        compress(r, {"unet": fp16["ios18"]}, tmp_path, progress=False)
+
+
 def test_override_keeps_a_layer_dense(fp16, tmp_path):
     r = Recipe(nbits=4, components=("unet",), overrides={"p_conv_weight_to_fp16": None})
     done = compress(r, {"unet": fp16["ios18"]}, tmp_path, progress=False)

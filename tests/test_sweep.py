@@ -185,10 +185,22 @@ def test_cli(ctx, swept, tmp_path, capsys):
     assert main(["sweep", "--grid", str(grid), "--out", str(run), "--no-progress"]) == 0
     assert (run / "results.jsonl").read_text() == before  # finished already: skipped
     out = capsys.readouterr().out
-    assert "km4-pt-te" in out and "2 rows" in out
+    assert "km4-pt-te" in out and "1 variants of this grid" in out
     assert main(["results", str(run)]) == 0
     assert "km2-g16-te" in capsys.readouterr().out
     assert main(["sizes", str(ctx.fp16_packages["unet"])]) == 0
     assert "weight_bin_bytes=" in capsys.readouterr().out
     assert main(["sweep", "--grid", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "x")]) == 2
     assert "no grid file" in capsys.readouterr().err
+
+
+def test_a_run_folder_holds_one_setup(tmp_path):
+    cfg = sweep.load_config(GRID)
+    images = np.zeros((2, 64, 64, 3), np.uint8)
+    sweep._init_run_dir(cfg, tmp_path, images, "abc")
+    sweep._init_run_dir(cfg, tmp_path, images, "abc")  # same setup: fine (more recipes may be added)
+    other = sweep.load_config({**GRID, "generation": {**GRID["generation"], "steps": 3}})
+    with pytest.raises(ValueError, match="another model, weights, generation settings or scorer.*new run folder"):
+        sweep._init_run_dir(other, tmp_path, images, "abc")
+    with pytest.raises(ValueError, match="weights_hash"):
+        sweep._init_run_dir(cfg, tmp_path, images, "retrained")

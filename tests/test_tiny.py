@@ -57,7 +57,8 @@ def test_pixel_judge_sees_wrong_images_as_wrong():
     assert judge.judge(np.full((64, 64, 3), 128, np.uint8)) is None
 
 
-SMALL = dict(train.DEFAULTS, per_combo=1, vae_steps=4, vae_batch=4, unet_steps=4, unet_batch=4,
+SMALL = dict(train.DEFAULTS, per_combo=1, vae_steps=4, vae_batch=4, decoder_steps=2, decoder_batch=4,
+             unet_steps=4, unet_batch=4,
              clip_steps=4, clip_batch=8, ckpt_every=2)
 
 

@@ -4,13 +4,14 @@ Built at conversion from the exported program's signature (placeholder -> parame
 and checked against the values the package really holds. Every parameter ends in
 one of four kinds:
   name      the const carries the parameter's own name, values equal after fp16 rounding
+            (coremltools' rounding: see coreml_fp16)
   shared    coremltools deduplicated equal constants: the const of another parameter
             holds exactly this parameter's values
   folded    the value sits in a const with a generated name (GroupNorm's scale and
             shift become batch_norm gamma / beta), found by exact value
   identity  a norm scale of ones or shift of zeros that coremltools removed as a no-op
-A weight large enough to be compressed must be `name` or `shared`; anything not
-accounted for is an error, never silently skipped.
+A weight compression can touch (2-D or more, over 2048 elements) must be `name` or
+`shared`; anything not accounted for is an error, never silently skipped.
 """
 from __future__ import annotations
 
@@ -115,8 +116,14 @@ def _named_const(placeholder: str | None, weights) -> str | None:
     return None
 
 
+def compressible(p: torch.Tensor, threshold: int = WEIGHT_THRESHOLD) -> bool:
+    """What coremltools' compression passes touch: more than `threshold` elements, 2-D or more
+    (1-D tensors are never compressed, e.g. the 2560-channel GroupNorm scales of a full-size UNet)."""
+    return p.ndim >= 2 and p.numel() > threshold
+
+
 def _unnamed_entry(component, name, p, ref, weights, by_value, named, threshold) -> Entry:
-    large = p.numel() > threshold
+    large = compressible(p, threshold)
     equal = sorted(c for c in by_value.get(_key(ref), []) if _equal(weights[c], ref))
     shared = [c for c in equal if c in named]
     folded = [c for c in equal if c not in named]
@@ -124,7 +131,7 @@ def _unnamed_entry(component, name, p, ref, weights, by_value, named, threshold)
         return Entry(shared[0], "shared", tuple(p.shape), _shape_if_different(weights[shared[0]], p))
     # a scale of ones / shift of zeros is checked before folded consts: batch_norm's
     # generated variance (ones) and mean (zeros) consts would match it by value by chance
-    if not large and p.ndim == 1 and _is_identity(name, p):
+    if p.ndim == 1 and _is_identity(name, p):
         return Entry(None, "identity", tuple(p.shape))
     if folded:
         if large:
@@ -147,8 +154,22 @@ def _is_identity(name: str, p: torch.Tensor) -> bool:
     return False
 
 
+def coreml_fp16(a: np.ndarray) -> np.ndarray:
+    """fp16 as coremltools' fp16 pass stores a weight: round to nearest even, except that in a tensor
+    of fewer than 400 elements a nonzero value that underflows to 0 becomes the smallest subnormal of
+    its sign (add_fp16_cast._check_underflow_to_zero, meant for epsilons). Trained CLIP k_proj biases
+    (about 1e-6 and below: softmax ignores them) hit this."""
+    a = np.asarray(a, dtype=np.float32)
+    h = a.astype(np.float16)
+    if a.size < 400:
+        tiny = np.nextafter(np.float16(0), np.float16(1))
+        under = (np.abs(a) > np.nextafter(np.float32(0), np.float32(1))) & (np.abs(h) <= tiny)
+        h = np.where(under, np.copysign(tiny, a).astype(np.float16), h)
+    return h
+
+
 def _fp16(p: torch.Tensor) -> np.ndarray:
-    return p.detach().to(torch.float16).cpu().numpy()
+    return coreml_fp16(p.detach().float().cpu().numpy())
 
 
 def _equal(a: np.ndarray, b: np.ndarray) -> bool:

@@ -1,0 +1,28 @@
+"""Notebook 04 runs headless on tiny parameters and writes a DKM row beside the post-training row."""
+import json
+
+import pandas as pd
+from conftest import tiny_specs
+from nbrun import run_notebook
+
+
+def test_dkm_notebook_runs_and_compares_with_post_training(tmp_path):
+    model, clip = tiny_specs()
+    out = tmp_path / "out"
+    executed = run_notebook(
+        "04_train_time_dkm.ipynb", tmp_path, model=model, scorer=clip, nbits=2, steps=2, batch=2,
+        weight_threshold=200_000,  # the 4 largest UNet layers: keeps the run to seconds
+        prompts=["a small green circle on a black background"], seeds=[0], gen_steps=2,
+        out_dir=str(out), progress=False,
+    )
+    rows = pd.read_json(out / "results.jsonl", lines=True).set_index("name")
+    assert set(rows.index) == {"km2-pt-wt200000-unet-sdwork", "km2-pt-wt200000-unet-dkm2"}
+    ours = rows.loc["km2-pt-wt200000-unet-dkm2"]
+    assert ours["method"] == "dkm" and ours["lut_count"] == 4 and ours["dkm"]["steps"] == 2
+    for m in ("psnr", "ssim", "clip_image_image", "clip_text_image"):
+        assert pd.notna(ours[m])
+    assert len(pd.read_csv(out / "dkm" / "km2-pt-wt200000-unet-dkm2" / "loss.csv")) == 2
+    # the loss curve and the comparison table were drawn, not silently skipped
+    cells = json.loads(executed.read_text())["cells"]
+    outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
