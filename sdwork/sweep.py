@@ -119,6 +119,7 @@ class SweepContext:
     fp16_packages: dict[str, Path]
     weight_maps: dict[str, dict[str, str]]
     scorer: object | None
+    scorer_hash: str | None = None  # the scorer's weights: a retrained scorer must not reuse old rows
 
     @property
     def fp16_bytes(self) -> int:
@@ -128,7 +129,7 @@ class SweepContext:
 
     def key(self, recipe: Recipe) -> str:
         desc = dict(recipe=recipe.to_dict(), model=self.config.model, weights=self.weights_hash,
-                    settings=asdict(self.config.settings), scorer=self.config.scorer)
+                    settings=asdict(self.config.settings), scorer=self.config.scorer, scorer_weights=self.scorer_hash)
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -138,24 +139,36 @@ def prepare(config: SweepConfig, out_dir, progress: bool = True) -> SweepContext
     from sdwork.metrics import ClipScorer
     from sdwork.pipeline import load_pipeline, weights_hash
 
+    from sdwork.convert import load_weight_map
+
     out_dir = Path(out_dir)
     pipe = load_pipeline(config.model, progress=False)
     baseline = fp16_baseline(pipe, config.settings, progress=progress)  # also rounds pipe to fp16
     digest = weights_hash(pipe)
-    _init_run_dir(config, out_dir, baseline, digest)
-    components = _needed_components(config.recipes)
-    fp16 = _fp16_packages(pipe, digest, components, progress)
-    from sdwork.convert import load_weight_map
-
-    maps = {c: load_weight_map(p) for c, p in fp16.items()}
     scorer = ClipScorer(config.scorer) if config.scorer else None
-    return SweepContext(config, out_dir, pipe, baseline, digest, fp16, maps, scorer)
+    scorer_digest = module_hash(scorer.model) if scorer else None
+    _init_run_dir(config, out_dir, baseline, digest, scorer_digest)
+    fp16 = _fp16_packages(pipe, digest, _needed_components(config.recipes), progress)
+    maps = {c: load_weight_map(p) for c, p in fp16.items()}
+    return SweepContext(config, out_dir, pipe, baseline, digest, fp16, maps, scorer, scorer_digest)
 
 
-def _init_run_dir(config: SweepConfig, out_dir: Path, baseline: np.ndarray, digest: str) -> None:
+def module_hash(module) -> str:
+    """sha256 of a torch module's weights, in a stable order."""
+    import torch
+
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _init_run_dir(config: SweepConfig, out_dir: Path, baseline: np.ndarray, digest: str,
+                  scorer_digest: str | None = None) -> None:
     """Record the setup; a run folder holds one model, weights, generation settings and scorer, so
     variant names (and image files) never mix across setups."""
-    setup = dict(model=config.model, weights_hash=digest, scorer=config.scorer,
+    setup = dict(model=config.model, weights_hash=digest, scorer=config.scorer, scorer_hash=scorer_digest,
                  generation=json.loads(json.dumps(asdict(config.settings))))
     path = out_dir / "config.json"
     if path.exists():
@@ -264,7 +277,7 @@ def run_sweep(config: SweepConfig, out_dir, progress: bool = True, keep_packages
         ctx = prepare(config, out_dir, progress)
     else:
         _check_same_setup(ctx, config)
-        _init_run_dir(config, out_dir, ctx.baseline, ctx.weights_hash)
+        _init_run_dir(config, out_dir, ctx.baseline, ctx.weights_hash, ctx.scorer_hash)
     results = out_dir / RESULTS
     done = {r["key"] for r in read_rows(results)}
     todo = [r for r in config.recipes if ctx.key(r) not in done]

@@ -197,10 +197,12 @@ def test_cli(ctx, swept, tmp_path, capsys):
 def test_a_run_folder_holds_one_setup(tmp_path):
     cfg = sweep.load_config(GRID)
     images = np.zeros((2, 64, 64, 3), np.uint8)
-    sweep._init_run_dir(cfg, tmp_path, images, "abc")
-    sweep._init_run_dir(cfg, tmp_path, images, "abc")  # same setup: fine (more recipes may be added)
+    sweep._init_run_dir(cfg, tmp_path, images, "abc", "clip1")
+    sweep._init_run_dir(cfg, tmp_path, images, "abc", "clip1")  # same setup: fine (more recipes may be added)
     other = sweep.load_config({**GRID, "generation": {**GRID["generation"], "steps": 3}})
     with pytest.raises(ValueError, match="another model, weights, generation settings or scorer.*new run folder"):
-        sweep._init_run_dir(other, tmp_path, images, "abc")
+        sweep._init_run_dir(other, tmp_path, images, "abc", "clip1")
     with pytest.raises(ValueError, match="weights_hash"):
-        sweep._init_run_dir(cfg, tmp_path, images, "retrained")
+        sweep._init_run_dir(cfg, tmp_path, images, "retrained", "clip1")
+    with pytest.raises(ValueError, match="scorer_hash"):  # a retrained CLIP scorer: old rows are not comparable
+        sweep._init_run_dir(cfg, tmp_path, images, "abc", "clip2")
