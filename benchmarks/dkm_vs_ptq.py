@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import argparse
 import resource
+import sys
 import time
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from sdwork import dkm, sweep
-from sdwork.generate import GenSettings
-from sdwork.pipeline import ROOT
+import yaml  # noqa: E402
+
+from sdwork import dkm, sweep  # noqa: E402
+from sdwork.generate import GenSettings  # noqa: E402
+from sdwork.pipeline import ROOT  # noqa: E402
 
 METRICS = ("psnr", "ssim", "clip_image_image", "clip_text_image")
 
@@ -40,6 +43,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=dkm.DKMSettings.steps)
     p.add_argument("--lr", type=float, default=dkm.DKMSettings.lr)
     p.add_argument("--batch", type=int, default=dkm.DKMSettings.batch)
+    p.add_argument("--tau", type=float, default=dkm.DKMSettings.tau, help="DKM softmax temperature")
     p.add_argument("--ptq-engine", default="sdwork", help="post-training engine: sdwork | coremltools | torch")
     p.add_argument("--scorer", default="tiny")
     p.add_argument("--threads", type=int, default=1)
@@ -51,7 +55,7 @@ def main(argv=None):
     t0, c0 = time.perf_counter(), time.process_time()
     gen = {**held_out_generation(), "threads": a.threads}
     settings = [dkm.DKMSettings(nbits=n, granularity=a.granularity, group_size=a.group_size, steps=a.steps,
-                                lr=a.lr, batch=a.batch, threads=a.threads) for n in a.nbits]
+                                lr=a.lr, batch=a.batch, tau=a.tau, threads=a.threads) for n in a.nbits]
     config = sweep.SweepConfig(a.model, [s.recipe(a.ptq_engine) for s in settings], GenSettings(**gen), a.scorer)
     ctx = sweep.prepare(config, a.out, progress=progress)
     t_prep = time.perf_counter() - t0

@@ -4,7 +4,8 @@ Engines, each in its own subprocess (so peak RSS is its own, read with wait4):
   sdwork  - sdwork.kmeans1d.palettize_weight on every eligible weight (fp16, as Core ML holds it)
   ptp     - coremltools.optimize.torch PostTrainingPalettizer(...).compress() (torch side)
   coreml  - coremltools' Core ML side per-op computation (palettize_weights.blockwise_compress,
-            what the palettize_weights graph pass runs per const) on the first --layers weights,
+            what the palettize_weights graph pass runs per const) on --layers weights evenly
+            spread over the model (first and last included),
             because the full run takes 13+ minutes at 4 bits and hours at 8 bits
 
 Eligible weights: Conv2d/Linear weights with more than 2048 elements whose output channels the
@@ -16,6 +17,13 @@ SSE / sum(w^2) against the fp16 weight; "mean rel MSE" averages that over layers
 
     .venv/bin/python benchmarks/palettize_speed.py                 # 4-bit g=16 and 8-bit g=4
     .venv/bin/python benchmarks/palettize_speed.py --grid 4:16 6:8 --layers 4 --engines sdwork,coreml
+
+End to end (--package): each grid point as a sweep runs it, sdwork.compress with engine
+'sdwork' on a converted fp16 UNet package (make one with
+`benchmarks/convert_full_unet.py --keep`): read, palettize, write the package, account its
+size. Prints wall and CPU time, peak RSS, the package size and the layers left dense.
+
+    .venv/bin/python benchmarks/palettize_speed.py --package runs/benchmarks/sd21-base-unet/Unet.mlpackage
 """
 from __future__ import annotations
 
@@ -91,7 +99,7 @@ def run_sdwork(unet, nbits, group, layers):
 def run_coreml(unet, nbits, group, layers):
     from coremltools.optimize.coreml._quantization_passes import palettize_weights as ct_pass
 
-    weights = [(n, m.weight.detach().half().numpy()) for n, m in eligible(unet, group)][:layers]
+    weights = spread([(n, m.weight.detach().half().numpy()) for n, m in eligible(unet, group)], layers)
     del unet
     rows = []
     for name, w in weights:
@@ -100,6 +108,14 @@ def run_coreml(unet, nbits, group, layers):
         dt, dc = time.perf_counter() - t, _cpu_seconds() - c
         rows.append(_row(name, w, ct_pass.decompress(params), dt, dc))
     return rows
+
+
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced over the list (first and last included): a subset that samples every
+    depth of the UNet, so its time extrapolates to the whole model (the first layers are all small)."""
+    if n >= len(items):
+        return items
+    return [items[round(i * (len(items) - 1) / max(n - 1, 1))] for i in range(n)]
 
 
 def run_ptp(unet, nbits, group, layers):
@@ -153,10 +169,12 @@ def measure(engine, nbits, group, args):
                "--layers", str(args.layers), "--seed", str(args.seed), "--out", str(out),
                "--subset", str(args.subset)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
+        log = Path(tmp) / "stderr.log"
+        with log.open("wb") as err:  # a file, not a pipe: coremltools logs per layer and would fill a pipe and block
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+            _, status, usage = os.wait4(proc.pid, 0)
         if status != 0:
-            raise RuntimeError(f"{engine} failed:\n{proc.stderr.read().decode()[-3000:]}")
+            raise RuntimeError(f"{engine} failed:\n{log.read_text(errors='replace')[-3000:]}")
         return json.loads(out.read_text()), usage.ru_maxrss / 2**20
 
 
@@ -179,23 +197,48 @@ def report(nbits, group, results, layers):
               f"mean rel MSE {mean_rel_mse(pt['rows']) / mean_rel_mse(sd['rows']):.4f}x")
     if "coreml" in results:
         cm = results["coreml"][0]
-        sub = sd["rows"][: len(cm["rows"])]
+        chosen = {r["name"] for r in cm["rows"]}
+        sub = [r for r in sd["rows"] if r["name"] in chosen]
         t_sub, c_sub = sum(r["t"] for r in sub), sum(r["cpu"] for r in sub)
-        print(f"coreml / sdwork on the first {len(sub)} layers: wall {cm['wall'] / t_sub:.2f}x  "
+        print(f"coreml / sdwork on {len(sub)} layers spread over the model: wall {cm['wall'] / t_sub:.2f}x  "
               f"cpu {cm['cpu'] / c_sub:.2f}x  "
               f"mean rel MSE {mean_rel_mse(cm['rows']) / mean_rel_mse(sub):.4f}x  "
               f"(sdwork {t_sub:.2f} s there; full-model coreml extrapolated "
               f"{cm['wall'] / t_sub * sd['wall']:.0f} s)")
 
 
+def end_to_end(package: Path, nbits: int, group: int) -> dict:
+    """One recipe through sdwork.compress on a converted package, in this process (peak RSS reset first)."""
+    from sdwork.compress import compress, uncompressed_layers
+    from sdwork.recipe import Recipe
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count here
+    except OSError:
+        pass
+    recipe = Recipe(nbits=nbits, granularity="per_grouped_channel", group_size=group, components=("unet",),
+                    engine="sdwork")
+    with tempfile.TemporaryDirectory(dir=package.parent) as tmp:
+        t, c = time.perf_counter(), _cpu_seconds()
+        result = compress(recipe, {"unet": package}, tmp, progress=False)
+        wall, cpu = time.perf_counter() - t, _cpu_seconds() - c
+        dense = uncompressed_layers(result)
+        size = result.sizes["unet"].package_bytes
+    peak = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 2**20
+    return dict(recipe=recipe.name, wall=wall, cpu=cpu, engine_wall=result.seconds, peak_gib=peak,
+                size_gib=size / 2**30, fp16_gib=sum(f.stat().st_size for f in package.rglob("*") if f.is_file()) / 2**30,
+                dense_layers=len(dense))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--grid", nargs="+", default=["4:16", "8:4"], help="nbits:group_size points")
     ap.add_argument("--engines", default=",".join(ENGINES))
-    ap.add_argument("--layers", type=int, default=6, help="layers for the Core ML side subset")
+    ap.add_argument("--layers", type=int, default=6, help="layers for the Core ML side subset (evenly spread over the model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--subset", type=int, default=0,
                     help="every engine on the first N eligible layers only (0: the whole UNet)")
+    ap.add_argument("--package", type=Path, help="end to end on this converted fp16 UNet .mlpackage instead")
     ap.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     ap.add_argument("--nbits", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--group", type=int, help=argparse.SUPPRESS)
@@ -203,6 +246,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
+    if args.package:
+        if not (args.package / "Manifest.json").exists():
+            ap.error(f"{args.package} is not an .mlpackage; make one with benchmarks/convert_full_unet.py --keep")
+        for point in args.grid:
+            r = end_to_end(args.package, *(int(v) for v in point.split(":")))
+            print(f"{r['recipe']}: {r['wall']:.1f} s wall ({r['engine_wall']:.1f} s palettize + write), "
+                  f"{r['cpu']:.1f} s CPU, peak {r['peak_gib']:.2f} GiB, package {r['fp16_gib']:.2f} -> "
+                  f"{r['size_gib']:.3f} GiB, {r['dense_layers']} weights left dense", flush=True)
+        return
     engines = [e for e in args.engines.split(",") if e]
     unknown = set(engines) - set(ENGINES)
     if unknown:

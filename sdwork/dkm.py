@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import resource
@@ -60,7 +61,8 @@ class DKMSettings:
     init: str = "auto"  # starting LUTs: "exact" 1-D k-means (sdwork.kmeans1d, the post-training optimum),
     # coremltools' own "kmeans++", or "auto" (exact for scalar LUTs, kmeans++ for cluster_dim > 1)
     kmeans_n_init: int = 3  # restarts of coremltools' kmeans++ start
-    tau: float = 1e-4  # softmax temperature of the soft assignment (coremltools' default)
+    tau: float = 1e-5  # soft-assignment temperature; coremltools defaults to 1e-4, too soft for 3 bits here:
+    # the snapped (deployed) weights then drift from the soft ones trained (measured: benchmarks/dkm_vs_ptq.py)
     seed: int = 0
     threads: int = 2  # torch threads: the last bits of the result depend on it
     ckpt_every: int = 50
@@ -91,8 +93,14 @@ class DKMSettings:
 
     @property
     def name(self) -> str:
-        """e.g. 'km2-pt-unet-dkm300': the recipe's name plus the training length."""
-        return f"{self.recipe().name}-dkm{self.steps}"
+        """e.g. 'km2-pt-unet-dkm100': the recipe's name plus the training length, and a short
+        hash of the other training settings when they differ from the defaults ('...-dkm100-3f9a1c')."""
+        base = f"{self.recipe().name}-dkm{self.steps}"
+        lut = {"nbits", "granularity", "group_size", "cluster_dim", "weight_threshold", "steps", "threads", "ckpt_every"}
+        changed = {k: v for k, v in self.to_dict().items() if k not in lut and v != _DEFAULTS[k]}
+        if not changed:
+            return base
+        return f"{base}-{hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6]}"
 
     @property
     def min_target(self) -> str:
@@ -107,6 +115,9 @@ class DKMSettings:
         if unknown:
             raise ValueError(f"unknown DKM setting(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         return cls(**d)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(DKMSettings)}
 
 
 def dkm_config(s: DKMSettings):
@@ -528,8 +539,6 @@ def variant_row(ctx, run: DKMRun, package: Path, prompts: list[str] | None = Non
 
 def row_key(ctx, s: DKMSettings, prompts: list[str] | None = None) -> str:
     """Like SweepContext.key, with the DKM training settings (and prompts) in what the row depends on."""
-    import hashlib
-
     desc = dict(recipe=s.recipe().to_dict(), dkm=s.to_dict(), prompts=prompts, model=ctx.config.model,
                 weights=ctx.weights_hash, settings=asdict(ctx.config.settings), scorer=ctx.config.scorer)
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]

@@ -122,14 +122,14 @@ def cluster_rows(rows: np.ndarray, nbits: int, return_sse: bool = False):
         raise ValueError(f"weights must be float16 or float32 (the LUT dtypes Core ML stores), got {rows.dtype}")
     if not np.isfinite(rows).all():
         raise ValueError("the weight holds NaN or inf values; palettizing them is meaningless: fix the weight first")
-    grid, ranks = _grid(rows)
+    grid, codes, rank_of = _grid(rows)
     k = 1 << nbits
     centroids = np.empty((rows.shape[0], k), np.float64)
-    _solve_groups(ranks, grid, k, centroids)
+    _solve_groups(codes, rank_of, grid, k, centroids)
     lut = centroids.astype(rows.dtype)  # the stored LUT has the weight's dtype
     indices = np.empty(rows.shape, np.uint8)
     sse = np.empty(rows.shape[0], np.float64)
-    _assign_groups(ranks, grid, lut.astype(np.float64), indices, sse)
+    _assign_groups(codes, rank_of, grid, lut.astype(np.float64), indices, sse)
     return (lut, indices, sse) if return_sse else (lut, indices)
 
 
@@ -160,14 +160,18 @@ def check_nbits(nbits) -> int:
 # ---------------------------------------------------------------- histogram grid
 
 def _grid(rows: np.ndarray):
-    """Sorted distinct values of the whole array (float64) and each element's rank in them (int32)."""
+    """(grid, codes, rank_of): the sorted distinct values of the array (float64), a per-element
+    code, and a table with grid[rank_of[code]] == value.
+
+    For fp16 the code is the element's own bit pattern and rank_of a 65,536-entry table, so no
+    per-element rank array is ever written (on a full UNet that pass cost more than the solve).
+    """
     if rows.dtype == np.float16:
-        u = np.ascontiguousarray(rows).view(np.uint16)
-        ranks = np.empty(rows.shape, np.int32)
-        grid = _grid16(u.reshape(-1), ranks.reshape(-1))
-        return grid.view(np.float16).astype(np.float64), ranks
+        codes = np.ascontiguousarray(rows).view(np.uint16)
+        grid_bits, rank_of = _grid16(codes.reshape(-1))
+        return grid_bits.view(np.float16).astype(np.float64), codes, rank_of
     grid, inverse = np.unique(rows.astype(np.float64) + 0.0, return_inverse=True)
-    return grid, inverse.reshape(rows.shape).astype(np.int32)
+    return grid, inverse.reshape(rows.shape).astype(np.int32), np.arange(len(grid), dtype=np.int32)
 
 
 # ---------------------------------------------------------------- compiled kernels
@@ -188,12 +192,20 @@ def _key16(u):
     return (u ^ 0xFFFF) if u & 0x8000 else (u | 0x8000)
 
 
-@_jit()
-def _grid16(u, ranks):
-    """Distinct fp16 bit patterns of u in value order (returned) and each element's rank among them."""
-    present = np.zeros(1 << 16, np.bool_)
-    for i in range(u.shape[0]):
-        present[_key16(u[i])] = True
+@_jit(parallel=True)
+def _grid16(u):
+    """Distinct fp16 bit patterns of u in value order, and the rank of every bit pattern among them."""
+    chunks = 8
+    seen = np.zeros((chunks, 1 << 16), np.bool_)
+    step = (u.shape[0] + chunks - 1) // chunks
+    for c in numba.prange(chunks):
+        for i in range(c * step, min(u.shape[0], (c + 1) * step)):
+            seen[c, u[i]] = True
+    present = np.zeros(1 << 16, np.bool_)  # by order-preserving key
+    for c in range(chunks):
+        for bits in range(1 << 16):
+            if seen[c, bits]:
+                present[_key16(bits)] = True
     rank = np.empty(1 << 16, np.int32)
     n = 0
     for key in range(1 << 16):
@@ -203,9 +215,10 @@ def _grid16(u, ranks):
     for key in range(1 << 16):
         if present[key]:
             grid[rank[key]] = (key & 0x7FFF) if key & 0x8000 else (key ^ 0xFFFF)
-    for i in range(u.shape[0]):
-        ranks[i] = rank[_key16(u[i])]
-    return grid
+    rank_of = np.empty(1 << 16, np.int32)
+    for bits in range(1 << 16):
+        rank_of[bits] = rank[_key16(bits)]
+    return grid, rank_of
 
 
 @_jit()
@@ -279,7 +292,14 @@ def _penalised(S0, S1, S2, lam, F, cnt, start, qm, ql, qr):
             continue
         lo, hi = max(ql[tail], i + 1), qr[tail] + 1
         b = qm[tail]
-        while lo < hi:  # first position where cut i beats the last queued cut
+        # first position where cut i beats the last queued cut: gallop from lo (it is usually
+        # close), then bisect the last step; O(log distance) instead of O(log n)
+        step = 1
+        while lo + step < hi and not _run(F, S0, S1, S2, i, lo + step) < _run(F, S0, S1, S2, b, lo + step):
+            lo += step + 1
+            step *= 2
+        hi = min(hi, lo + step + 1) if lo + step < hi else hi
+        while lo < hi:
             p = (lo + hi) // 2
             if _run(F, S0, S1, S2, i, p) < _run(F, S0, S1, S2, b, p):
                 hi = p
@@ -399,21 +419,21 @@ def _kmeans_layered(x, w, k, out, S0, S1, S2):
 
 
 @_jit(parallel=True)
-def _solve_groups(ranks, grid, k, out):
+def _solve_groups(codes, rank_of, grid, k, out):
     """Exact centroids per row; row 0 first, its penalty then seeds the others (same layer, alike)."""
-    G = ranks.shape[0]
-    lam = _solve_one(ranks, grid, k, out, 0, -1.0)
+    G = codes.shape[0]
+    lam = _solve_one(codes, rank_of, grid, k, out, 0, -1.0)
     for g in numba.prange(1, G):
-        _solve_one(ranks, grid, k, out, g, lam)
+        _solve_one(codes, rank_of, grid, k, out, g, lam)
 
 
 @_jit()
-def _solve_one(ranks, grid, k, out, g, lam0):
-    M = ranks.shape[1]
+def _solve_one(codes, rank_of, grid, k, out, g, lam0):
+    M = codes.shape[1]
     L = grid.shape[0]
     counts = np.zeros(L, np.int64)
     for m in range(M):
-        counts[ranks[g, m]] += 1
+        counts[rank_of[codes[g, m]]] += 1
     n = 0
     for r in range(L):
         if counts[r] > 0:
@@ -430,9 +450,9 @@ def _solve_one(ranks, grid, k, out, g, lam0):
 
 
 @_jit(parallel=True)
-def _assign_groups(ranks, grid, lut, out, sse):
+def _assign_groups(codes, rank_of, grid, lut, out, sse):
     """Nearest LUT entry for every element (ties to the lower entry) and the per-group SSE."""
-    G, M = ranks.shape
+    G, M = codes.shape
     L = grid.shape[0]
     k = lut.shape[1]
     for g in numba.prange(G):
@@ -442,10 +462,14 @@ def _assign_groups(ranks, grid, lut, out, sse):
             while j + 1 < k and grid[r] > 0.5 * (lut[g, j] + lut[g, j + 1]):
                 j += 1
             table[r] = j
-        e = 0.0
+        counts = np.zeros(L, np.int64)
         for m in range(M):
-            t = table[ranks[g, m]]
-            out[g, m] = t
-            d = grid[ranks[g, m]] - lut[g, t]
-            e += d * d
+            r = rank_of[codes[g, m]]
+            out[g, m] = table[r]
+            counts[r] += 1
+        e = 0.0  # from the histogram: one float op per distinct value, not per element
+        for r in range(L):
+            if counts[r] > 0:
+                d = grid[r] - lut[g, table[r]]
+                e += counts[r] * (d * d)
         sse[g] = e

@@ -27,14 +27,14 @@ def pareto_front(df: pd.DataFrame, x: str = "size_bytes", y: str = "psnr") -> pd
 
 
 def size_vs_metrics(results: pd.DataFrame, metrics=None, x: str = "size_bytes"):
-    """One panel per metric: every variant (colour = granularity, label = name), front joined."""
+    """One panel per metric: every variant (colour = method or granularity, label = name), front joined."""
     import matplotlib.pyplot as plt
 
     metrics = [m for m in (metrics or METRIC_LABELS) if m in results]
     if results.empty or not metrics:
         raise ValueError("no results to plot: run the sweep first (sdwork.sweep.run_sweep)")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
-    groups = _granularity_label(results)
+    groups = _variant_kind(results)
     for ax, m in zip(axes[0], metrics):
         df = results.assign(_y=_finite(results[m]), _x=results[x] / 1e6, _g=groups)
         for g, part in df.groupby("_g", sort=True):
@@ -58,8 +58,15 @@ def _short(name: str, results: pd.DataFrame) -> str:
     return name.removesuffix(f"-{engines.pop()}") if len(engines) == 1 else name
 
 
-def _granularity_label(df: pd.DataFrame) -> pd.Series:
-    return df.apply(lambda r: "per-tensor" if r["granularity"] == "per_tensor" else f"group {int(r['group_size'])}", axis=1)
+def _variant_kind(df: pd.DataFrame) -> pd.Series:
+    """Legend group of each row: its method (mixed-bit, DKM) if it has one, else its granularity,
+    so that mixed-bit and DKM rows stand out among the uniform post-training ones."""
+    def kind(r):
+        method = r.get("method")
+        if isinstance(method, str) and method:
+            return method
+        return "per-tensor" if r["granularity"] == "per_tensor" else f"group {int(r['group_size'])}"
+    return df.apply(kind, axis=1)
 
 
 def _finite(s: pd.Series) -> pd.Series:

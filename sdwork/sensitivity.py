@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from sdwork.generate import GenSettings, native_size
 from sdwork.recipe import DEFAULT_WEIGHT_THRESHOLD, LayerSpec
 from sdwork.sizes import expected_lut_bytes
 
@@ -167,26 +168,12 @@ def lut_lookup(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class ProbeSettings:
+class ProbeSettings(GenSettings):
     """The short generation every measurement repeats: few prompts and steps, fixed seeds."""
 
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     seeds: tuple[int, ...] = (0,)
     steps: int = 4  # Apple: 1; the drift after more steps is closer to what a user sees
-    guidance: float = 5.0
-    threads: int = 1  # pinned: the thread count changes the last bits
-
-    def __post_init__(self):
-        if not self.prompts or not self.seeds:
-            raise ValueError("the probe needs at least one prompt and one seed")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
-
-    @property
-    def pairs(self) -> list[tuple[str, int]]:
-        return [(p, s) for p in self.prompts for s in self.seeds]
 
 
 @dataclass
@@ -203,6 +190,7 @@ def run_probe(pipe, settings: ProbeSettings) -> ProbeOutput:
     """
     torch.set_num_threads(settings.threads)
     pairs = settings.pairs
+    size = native_size(pipe)
     caught = {}
 
     def catch(p, i, t, kwargs):
@@ -213,8 +201,11 @@ def run_probe(pipe, settings: ProbeSettings) -> ProbeOutput:
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         [p for p, _ in pairs],
+        negative_prompt=[settings.negative_prompt] * len(pairs) if settings.negative_prompt else None,
         num_inference_steps=settings.steps,
         guidance_scale=settings.guidance,
+        height=settings.height or size,
+        width=settings.width or size,
         generator=[torch.Generator("cpu").manual_seed(s) for _, s in pairs],
         output_type="np",
         callback_on_step_end=catch,

@@ -59,6 +59,9 @@ def test_bad_settings_are_refused_with_the_fix(kw, match):
 def test_settings_name_target_and_recipe():
     s = dkm.DKMSettings(nbits=2, steps=300)
     assert s.name == "km2-pt-unet-dkm300" and s.min_target == "iOS16"
+    # other training settings get a short hash, so two runs never share a folder or a row name
+    other = dkm.DKMSettings(nbits=2, steps=300, lr=3e-5)
+    assert other.name.startswith("km2-pt-unet-dkm300-") and other.name != dkm.DKMSettings(nbits=2, steps=300, tau=1e-5).name
     g = dkm.DKMSettings(nbits=3, granularity="per_grouped_channel", group_size=16)
     assert g.min_target == "iOS18" and g.recipe("sdwork").engine == "sdwork"
     assert dkm.DKMSettings.from_dict(json.loads(json.dumps(g.to_dict()))) == g
@@ -81,7 +84,7 @@ def test_dkm_config_carries_the_settings():
     cfg = dkm.dkm_config(dkm.DKMSettings(nbits=3, granularity="per_grouped_channel", group_size=16, milestone=5))
     g = cfg.global_config
     assert (g.n_bits, g.group_size, g.milestone, g.granularity.name) == (3, 16, 5, "per_grouped_channel")
-    assert (g.kmeans_max_iter, g.palett_tau) == (1, 1e-4)
+    assert (g.kmeans_max_iter, g.palett_tau) == (1, 1e-5)
 
 
 # ---------------------------------------------------------------- data

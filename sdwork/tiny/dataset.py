@@ -89,14 +89,19 @@ def _jitter(rgb, rng, amount=12):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in rgb)
 
 
-def render(attrs: Attrs, rng: np.random.Generator) -> np.ndarray:
-    """One 64x64x3 uint8 image of `attrs` at a random position."""
+def render(attrs: Attrs, rng: np.random.Generator, background_rgb=None) -> np.ndarray:
+    """One 64x64x3 uint8 image of `attrs` at a random position.
+
+    background_rgb replaces the named background (attrs.background is then ignored): the
+    scorer's training uses it to show shapes on colours no caption names.
+    """
     s = SUPERSAMPLE
     lo, hi = SIZES[attrs.size]
     r = rng.uniform(lo, hi)
     margin = r + 2
     cx, cy = rng.uniform(margin, IMAGE_SIZE - margin, size=2)
-    img = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), _jitter(BACKGROUNDS[attrs.background], rng, 6))
+    bg = _jitter(BACKGROUNDS[attrs.background], rng, 6) if background_rgb is None else tuple(background_rgb)
+    img = Image.new("RGB", (IMAGE_SIZE * s, IMAGE_SIZE * s), bg)
     draw = ImageDraw.Draw(img)
     fill = _jitter(COLOURS[attrs.colour], rng)
     x, y, rr = cx * s, cy * s, r * s
@@ -120,6 +125,31 @@ def make_dataset(combos: list[Attrs], per_combo: int, seed: int) -> tuple[np.nda
         for _ in range(per_combo):
             images.append(render(attrs, rng))
             captions.append(attrs.caption)
+    return np.stack(images), captions
+
+
+def unnamed_background(colour: str, rng: np.random.Generator) -> tuple[int, int, int]:
+    """A random plain background far from every named background and from the shape's colour."""
+    fill = np.array(COLOURS[colour])
+    while True:
+        bg = rng.integers(0, 256, size=3)
+        far_named = all(np.abs(bg - np.array(v)).max() > 48 for v in BACKGROUNDS.values())
+        if far_named and np.abs(bg - fill).sum() > 150:
+            return tuple(int(c) for c in bg)
+
+
+def make_unnamed_background_set(combos: list[Attrs], per_shape: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """Images of every (size, colour, shape) that `combos` contain, on unnamed random backgrounds,
+    captioned without a background ("a small green circle"). No named background appears, so no
+    held-out combination does either."""
+    rng = np.random.default_rng(seed)
+    triplets = sorted({(a.size, a.colour, a.shape) for a in combos})
+    images, captions = [], []
+    for size, colour, shape in triplets:
+        for _ in range(per_shape):
+            bg = unnamed_background(colour, rng)
+            images.append(render(Attrs(size, colour, shape, "white"), rng, background_rgb=bg))
+            captions.append(f"a {size} {colour} {shape}")
     return np.stack(images), captions
 
 

@@ -51,6 +51,11 @@ DEFAULTS = dict(
     clip_lr=1e-3,
     clip_full_weight=1.0,  # 0.5 (half partial captions) ranked held-out captions worse: 0.79 vs 0.83
     clip_keep_prob=0.5,
+    clip_additive_weight=0.0,  # weight of the additive-caption loss (see _additive_residual)
+    clip_probe_weight=0.0,  # weight of the shared attribute-probe loss (see _AttributeProbes)
+    clip_unnamed_bg_weight=0.0,  # weight of the loss on shapes over unnamed backgrounds (see train_clip)
+    clip_unnamed_bg_per_shape=64,
+    clip_text_layers=2,
     ckpt_every=250,
 )
 
@@ -69,19 +74,29 @@ def lr_at(step: int, total: int, base: float, warmup: int = 200) -> float:
 
 
 class Checkpoint:
-    """Periodic state saving; torch.load(weights_only=True) on resume."""
+    """A stage's periodic state: the state_dicts of the named objects (models, optimizer), the
+    step and, with rng, torch's global RNG; torch.load(weights_only=True) on resume."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path, rng: bool = True, **stateful):
+        self.path, self.rng, self.stateful = Path(path), rng, stateful
 
-    def load(self):
-        if self.path.exists():
-            return torch.load(self.path, weights_only=True)
-        return None
+    def resume(self) -> int:
+        """Restore the saved state if there is one; the step to continue from."""
+        if not self.path.exists():
+            return 0
+        state = torch.load(self.path, weights_only=True)
+        for name, obj in self.stateful.items():
+            obj.load_state_dict(state[name])
+        if self.rng:
+            torch.set_rng_state(state["rng"])
+        return state["step"]
 
-    def save(self, state: dict):
+    def save(self, step: int):
+        state = {name: obj.state_dict() for name, obj in self.stateful.items()}
+        if self.rng:
+            state["rng"] = torch.get_rng_state()
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
+        torch.save(dict(state, step=step), tmp)
         tmp.replace(self.path)  # atomic: an interruption never leaves half a checkpoint
 
 
@@ -133,12 +148,8 @@ def train_vae(cfg: dict, work: Path, progress: bool = True):
     torch.manual_seed(cfg["seed"])
     vae = models.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
-    ck = Checkpoint(work / "vae.ckpt")
-    start = 0
-    if (state := ck.load()) is not None:
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    ck = Checkpoint(work / "vae.ckpt", model=vae, opt=opt)
+    start = ck.resume()
     order_rng = np.random.default_rng(cfg["seed"] + 1)
     batches = order_rng.integers(0, len(images), size=(cfg["vae_steps"], cfg["vae_batch"]))
 
@@ -154,10 +165,7 @@ def train_vae(cfg: dict, work: Path, progress: bool = True):
         opt.step()
         return loss.item()
 
-    def ckpt_fn(step):
-        ck.save(dict(model=vae.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(), step=step))
-
-    _loop("vae", cfg["vae_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    _loop("vae", cfg["vae_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
     torch.save(vae.state_dict(), final)
 
 
@@ -184,12 +192,8 @@ def train_vae_decoder(cfg: dict, work: Path, progress: bool = True):
     vae = load_vae(work, decoder=False).train()
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["decoder_lr"], weight_decay=0.0)
-    ck = Checkpoint(work / "vae_decoder.ckpt")
-    start = 0
-    if (state := ck.load()) is not None:
-        vae.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    ck = Checkpoint(work / "vae_decoder.ckpt", model=vae, opt=opt)
+    start = ck.resume()
     order_rng = np.random.default_rng(cfg["seed"] + 5)
     batches = order_rng.integers(0, len(images), size=(cfg["decoder_steps"], cfg["decoder_batch"]))
 
@@ -206,10 +210,7 @@ def train_vae_decoder(cfg: dict, work: Path, progress: bool = True):
         opt.step()
         return loss.item()
 
-    def ckpt_fn(step):
-        ck.save(dict(model=vae.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(), step=step))
-
-    _loop("vae_decoder", cfg["decoder_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    _loop("vae_decoder", cfg["decoder_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
     dec = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
     torch.save(dec, final)
 
@@ -258,14 +259,8 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["unet_lr"], weight_decay=1e-2)
-    ck = Checkpoint(work / "unet.ckpt")
-    start = 0
-    if (state := ck.load()) is not None:
-        unet.load_state_dict(state["unet"]), text.load_state_dict(state["text"])
-        ema_unet.load_state_dict(state["ema_unet"]), ema_text.load_state_dict(state["ema_text"])
-        opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng"])
-        start = state["step"]
+    ck = Checkpoint(work / "unet.ckpt", unet=unet, text=text, ema_unet=ema_unet, ema_text=ema_text, opt=opt)
+    start = ck.resume()
     sched = DDPMScheduler(**models.SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod
     order_rng = np.random.default_rng(cfg["seed"] + 2)
@@ -296,15 +291,7 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
                 pe.lerp_(p, 1 - d)
         return per.mean().item()
 
-    def ckpt_fn(step):
-        ck.save(
-            dict(
-                unet=unet.state_dict(), text=text.state_dict(), ema_unet=ema_unet.state_dict(),
-                ema_text=ema_text.state_dict(), opt=opt.state_dict(), rng=torch.get_rng_state(), step=step,
-            )
-        )
-
-    _loop("unet", cfg["unet_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    _loop("unet", cfg["unet_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
     torch.save(dict(unet=ema_unet.state_dict(), text=ema_text.state_dict()), final)
 
 
@@ -344,6 +331,73 @@ def _multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tenso
     return 0.5 * (one(logits, pos) + one(logits.T, pos.T))
 
 
+def _additive_residual(attrs: list) -> torch.Tensor:
+    """I - P, with P the least-squares projection onto sums of one vector per attribute value.
+
+    (I - P) @ T is what the caption embeddings T do not explain additively. Pushing it
+    to zero on the training captions lets a held-out caption's embedding follow from
+    its words (the sum of its attributes' vectors) rather than from memorised captions.
+    """
+    cols = [[getattr(a, n) == v for a in attrs] for n, vals in dataset.ATTRIBUTES.items() for v in vals]
+    design = torch.tensor(cols, dtype=torch.float64).T
+    proj = design @ torch.linalg.pinv(design)
+    return (torch.eye(len(attrs), dtype=torch.float64) - proj).float()
+
+
+class _AttributeProbes(torch.nn.Module):
+    """One linear classifier per attribute, shared by the image and the text tower (training only).
+
+    Both towers must then encode every attribute along the same directions of the joint
+    space whatever the other attributes are, so an unseen combination's image and caption
+    land where their attributes point, not near the nearest memorised training combination.
+    """
+
+    def __init__(self, dim: int, attrs: list):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, len(v)) for v in dataset.ATTRIBUTES.values())
+        self.register_buffer("targets", torch.tensor(
+            [[vals.index(getattr(a, n)) for n, vals in dataset.ATTRIBUTES.items()] for a in attrs]))
+
+    def loss(self, feats: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
+        t = self.targets[caption_ids]
+        return sum(F.cross_entropy(h(feats), t[:, i]) for i, h in enumerate(self.heads)) / len(self.heads)
+
+
+def _unnamed_bg_data(cfg: dict, combos: list, tok) -> dict:
+    """Shapes on unnamed backgrounds, captioned without one: in the training combinations some
+    (size, colour) pairs show each shape on one background only, so a scorer can read the shape
+    off the background; here the background says nothing and the shape has to be read."""
+    images, captions = dataset.make_unnamed_background_set(combos, cfg["clip_unnamed_bg_per_shape"], cfg["seed"] + 17)
+    texts = sorted(set(captions))
+    label = {c: i for i, c in enumerate(texts)}
+    rng = np.random.default_rng(cfg["seed"] + 18)
+    batch = cfg["clip_batch"] // 2
+    return dict(images=images, labels=torch.tensor([label[c] for c in captions]), ids=token_ids(tok, texts),
+                order=rng.integers(0, len(images), size=(cfg["clip_steps"], batch)))
+
+
+def _unnamed_bg_loss(clip, data: dict, step: int, gen: torch.Generator) -> torch.Tensor:
+    """Image -> caption cross-entropy over every background-free caption, and caption -> image over the batch."""
+    idx = data["order"][step]
+    x = _augment(clip_pixels(data["images"][idx]), gen)
+    img = F.normalize(features(clip.get_image_features(pixel_values=x)), dim=-1)
+    txt = F.normalize(features(clip.get_text_features(input_ids=data["ids"])), dim=-1)
+    loss_i, loss_t = _contrastive(clip.logit_scale.exp() * img @ txt.T, data["labels"][torch.from_numpy(idx)])
+    return 0.5 * (loss_i + loss_t)
+
+
+def _contrastive(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image -> caption over every candidate caption, caption -> image over the batch) losses;
+    logits is (images, captions), y each image's caption. A caption shared by several images in
+    the batch spreads its target over all of them."""
+    loss_i = F.cross_entropy(logits, y)
+    pos = (y[None, :] == torch.arange(logits.shape[1])[:, None]).float()
+    present = pos.sum(1) > 0
+    logp = F.log_softmax(logits.T[present], dim=1)
+    loss_t = -(logp * pos[present]).sum(1).div(pos[present].sum(1)).mean()
+    return loss_i, loss_t
+
+
 def clip_pixels(images_uint8: np.ndarray) -> torch.Tensor:
     """CLIP input for our scorer: [-1, 1] NCHW, the same as its image processor gives."""
     return to_tensor(images_uint8)
@@ -363,13 +417,15 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
     label = {c: i for i, c in enumerate(cand)}
     labels = torch.tensor([label[c] for c in captions])
     torch.manual_seed(cfg["seed"] + 3)
-    clip = models.build_clip(*special_ids(tok))
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg["clip_lr"], weight_decay=1e-2)
-    ck = Checkpoint(work / "clip.ckpt")
-    start = 0
-    if (state := ck.load()) is not None:
-        clip.load_state_dict(state["model"]), opt.load_state_dict(state["opt"])
-        start = state["step"]
+    clip = models.build_clip(*special_ids(tok), text_layers=cfg["clip_text_layers"])
+    probes = _AttributeProbes(clip.config.projection_dim, attrs) if cfg["clip_probe_weight"] > 0 else None
+    params = list(clip.parameters()) + (list(probes.parameters()) if probes else [])
+    opt = torch.optim.AdamW(params, lr=cfg["clip_lr"], weight_decay=1e-2)
+    residual = _additive_residual(attrs)
+    # augmentation draws from per-step generators, not torch's global RNG: no RNG state to keep
+    ck = Checkpoint(work / "clip.ckpt", rng=False, model=clip, opt=opt, **({"probes": probes} if probes else {}))
+    start = ck.resume()
+    unnamed = _unnamed_bg_data(cfg, train_combos, tok) if cfg["clip_unnamed_bg_weight"] > 0 else None
     order_rng = np.random.default_rng(cfg["seed"] + 4)
     batches = order_rng.integers(0, len(images), size=(cfg["clip_steps"], cfg["clip_batch"]))
 
@@ -382,16 +438,16 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
         img = F.normalize(features(clip.get_image_features(pixel_values=x)), dim=-1)
         txt = F.normalize(features(clip.get_text_features(input_ids=cand_ids)), dim=-1)
         logits = clip.logit_scale.exp() * img @ txt.T
-        # image -> caption over all training captions; caption -> image over the batch
         y = labels[idx]
-        loss_i = F.cross_entropy(logits, y)
-        pos = (y[None, :] == torch.arange(len(cand))[:, None]).float()
-        present = pos.sum(1) > 0
-        logp = F.log_softmax(logits.T[present], dim=1)
-        loss_t = -(logp * pos[present]).sum(1).div(pos[present].sum(1)).mean()
+        loss_i, loss_t = _contrastive(logits, y)
         w = cfg["clip_full_weight"]
+        aux = cfg["clip_additive_weight"] * (residual @ txt).square().sum(1).mean()
+        if unnamed is not None:
+            aux = aux + cfg["clip_unnamed_bg_weight"] * _unnamed_bg_loss(clip, unnamed, step, gen)
+        if probes:
+            aux = aux + cfg["clip_probe_weight"] * 0.5 * (probes.loss(img, y) + probes.loss(txt, torch.arange(len(cand))))
         if w >= 1.0:
-            loss = 0.5 * (loss_i + loss_t)
+            loss = 0.5 * (loss_i + loss_t) + aux
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -410,7 +466,7 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
         pos = torch.from_numpy((same | ~keep[None, :, :]).all(-1))
         ptxt = F.normalize(features(clip.get_text_features(input_ids=token_ids(tok, texts))), dim=-1)
         loss_p = _multi_positive_loss(clip.logit_scale.exp() * img @ ptxt.T, pos)
-        loss = w * 0.5 * (loss_i + loss_t) + (1 - w) * loss_p
+        loss = w * 0.5 * (loss_i + loss_t) + (1 - w) * loss_p + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -418,10 +474,7 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
             clip.logit_scale.clamp_(0, math.log(100))
         return loss.item()
 
-    def ckpt_fn(step):
-        ck.save(dict(model=clip.state_dict(), opt=opt.state_dict(), step=step))
-
-    _loop("clip", cfg["clip_steps"], start, progress, step_fn, ckpt_fn, cfg["ckpt_every"])
+    _loop("clip", cfg["clip_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
     torch.save(clip.state_dict(), final)
 
 
@@ -448,7 +501,7 @@ def save_models(cfg: dict, work: Path, out: Path):
     pipe.save_pretrained(sd_dir, safe_serialization=True)
     _copy_bpe_files(work, sd_dir / "tokenizer")
 
-    clip = models.build_clip(*special_ids(tok))
+    clip = models.build_clip(*special_ids(tok), text_layers=cfg["clip_text_layers"])
     clip.load_state_dict(torch.load(work / "clip_final.pt", weights_only=True))
     clip.save_pretrained(clip_dir, safe_serialization=True)
     tok.save_pretrained(clip_dir)
