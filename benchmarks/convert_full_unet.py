@@ -14,8 +14,11 @@ import argparse
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 GIB = 2**30
 REFERENCE = {"convert_s": 78.0, "peak_rss_gib": 6.2, "package_gib": 1.61}  # SD 2.1-base UNet

@@ -36,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "data" / "configs" / "sd21-base" / "unet" / "config.json"
 ENGINES = ("sdwork", "ptp", "coreml")

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import logging
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdwork.quiet import coremltools_progress
 from sdwork.recipe import Recipe
 from sdwork.sizes import PackageSizes, package_sizes
 
@@ -110,7 +110,7 @@ def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool) -> li
 
     palettize = _engine_function(recipe.engine)
     ml = ct.models.MLModel(str(src), skip_model_load=True)
-    with _captured_log("coremltools") as lines, _omp_single_thread(), _coremltools_progress(progress):
+    with _captured_log("coremltools") as lines, _omp_single_thread(), coremltools_progress(progress):
         try:
             out = palettize(ml, recipe.to_coreml_config(), progress=progress) if recipe.engine == "sdwork" else \
                 palettize(ml, recipe.to_coreml_config())
@@ -190,24 +190,6 @@ class _captured_log:
 
     def __exit__(self, *exc):
         self.logger.removeHandler(self.handler)
-
-
-@contextlib.contextmanager
-def _coremltools_progress(progress: bool):
-    """coremltools draws tqdm bars with no switch to turn them off: swap in disabled ones."""
-    if progress:
-        yield
-        return
-    from unittest import mock
-
-    from tqdm import tqdm
-
-    from coremltools.converters.mil.mil.passes import pass_pipeline
-    from coremltools.optimize.coreml import _quantization_passes
-
-    quiet = functools.partial(tqdm, disable=True)
-    with mock.patch.object(_quantization_passes, "tqdm", quiet), mock.patch.object(pass_pipeline, "tqdm", quiet):
-        yield
 
 
 def _omp_single_thread():

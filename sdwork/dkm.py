@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sdwork.generate import torch_threads
 from sdwork.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, _check_lut
 
 OBJECTIVES = ("distill", "dataset")
@@ -232,7 +233,7 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
     round_weights_to_fp16(pipe)
     data = data or _make_data(pipe, s, prompts)
     teacher = copy.deepcopy(pipe.unet).float().eval().requires_grad_(False)
-    with _pinned_threads(s.threads), _forked_rng(s.seed):
+    with torch_threads(s.threads), _forked_rng(s.seed):
         student, palettizer, skipped = prepare_student(pipe.unet, s)
         opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=0.0)
         start, losses = _resume(run_dir, student, opt, palettizer)
@@ -378,16 +379,6 @@ def load_losses(run_dir) -> pd.DataFrame:
 
 
 @contextlib.contextmanager
-def _pinned_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@contextlib.contextmanager
 def _forked_rng(seed: int):
     """Seed torch's and numpy's global RNGs (coremltools' k-means++ start draws from both), then restore them."""
     np_state = np.random.get_state()
@@ -501,40 +492,22 @@ def variant_row(ctx, run: DKMRun, package: Path, prompts: list[str] | None = Non
     `ctx` is a sdwork.sweep.SweepContext (fp16 pipeline, baseline, fp16 packages);
     the row has the sweep's columns, so DKM and post-training rows share one table.
     """
-    from sdwork.compress import Compressed, summarise_uncompressed, uncompressed_layers
-    from sdwork.evaluate import evaluate
+    from sdwork.compress import Compressed
     from sdwork.sizes import package_sizes
-    from sdwork.sweep import _size_columns
+    from sdwork.sweep import evaluate_variant
 
     s = run.settings
-    recipe = s.recipe()
     packages = {**ctx.fp16_packages, "unet": Path(package)}
-    done = Compressed(recipe, packages, {c: package_sizes(p) for c, p in packages.items()}, {}, run.seconds)
-    ev = evaluate(ctx.pipe, packages, ctx.config.settings, ctx.baseline, ctx.scorer, progress=progress)
-    layers = uncompressed_layers(done, ctx.weight_maps)
-    images_file = ctx.out_dir / "images" / f"{s.name}.npz"
-    np.savez(images_file, images=ev.images)
-    row = dict(
-        key=row_key(ctx, s, prompts), name=s.name, method="dkm", model=ctx.config.model, weights_hash=ctx.weights_hash,
-        **{k: v for k, v in recipe.to_dict().items() if k not in ("overrides", "engine")},
-        engine="dkm", overrides={}, min_target=recipe.min_target,
-        **_size_columns(done, recipe),
-        fp16_size_bytes=ctx.fp16_bytes,
-        size_ratio=round(sum(x.weight_bin_bytes for x in done.sizes.values()) / ctx.fp16_bytes, 6),
-        uncompressed=[l for l in layers if l["kind"] not in ("one_d", "below_threshold")],
-        uncompressed_by_reason=summarise_uncompressed(layers),
-        **ev.means,
-        per_prompt=ev.per_prompt.to_dict("records"),
-        clip_model=getattr(ctx.scorer, "name", None),
-        compress_s=round(run.seconds, 3), evaluate_s=round(ev.seconds, 3),
-        coreml_predict=ev.coreml_predict, images=str(images_file.relative_to(ctx.out_dir)),
-        packages=str(Path(package).parent.relative_to(ctx.out_dir)) if _inside(package, ctx.out_dir) else str(package),
-        settings=asdict(ctx.config.settings),
+    done = Compressed(s.recipe(), packages, {c: package_sizes(p) for c, p in packages.items()}, {}, run.seconds,
+                      run.cpu_seconds)
+    row, images = evaluate_variant(ctx, done, s.name, row_key(ctx, s, prompts), progress=progress)
+    row.update(
+        method="dkm", engine="dkm", overrides={},
         dkm=s.to_dict(), train_s=round(run.seconds, 3), train_cpu_s=round(run.cpu_seconds, 3),
         peak_rss_bytes=run.peak_rss_bytes,
         final_loss=float(run.losses["loss"].tail(10).mean()) if len(run.losses) else None,
     )
-    return row, ev.images
+    return row, images
 
 
 def row_key(ctx, s: DKMSettings, prompts: list[str] | None = None) -> str:
@@ -542,11 +515,3 @@ def row_key(ctx, s: DKMSettings, prompts: list[str] | None = None) -> str:
     desc = dict(recipe=s.recipe().to_dict(), dkm=s.to_dict(), prompts=prompts, model=ctx.config.model,
                 weights=ctx.weights_hash, settings=asdict(ctx.config.settings), scorer=ctx.config.scorer)
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _inside(path, folder) -> bool:
-    try:
-        Path(path).resolve().relative_to(Path(folder).resolve())
-        return True
-    except ValueError:
-        return False

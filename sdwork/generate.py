@@ -6,6 +6,7 @@ thread count changes the last bits of the result, so it is pinned and recorded.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,17 @@ BASELINES = ROOT / "runs" / "baselines"
 # One thread: the tiny UNet's ops are too small to gain from two, and on a busy 2-core machine
 # two OpenMP threads wait on each other at every op (measured 50-80x slower under load).
 DEFAULT_THREADS = 1
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)

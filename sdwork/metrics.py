@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import pandas as pd
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from sdwork.generate import torch_threads
 from sdwork.pipeline import ROOT, TINY_CLIP, ModelNotFoundError, _looks_like_path, _offline
 
 SSIM_SIGMA = 1.5
@@ -82,7 +82,7 @@ class ClipScorer:
         """L2-normalised embeddings (N, D) of uint8 (N, H, W, 3) images."""
         images = _check_images(images)
         out = []
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             for i in range(0, len(images), self.batch_size):
                 pixels = self.processor(images=list(images[i : i + self.batch_size]), return_tensors="pt").pixel_values
                 out.append(_features(self.model.get_image_features(pixel_values=pixels)))
@@ -92,7 +92,7 @@ class ClipScorer:
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised embeddings (N, D) of prompts, padded as SD pads them (to max_length)."""
         out = []
-        with _torch_threads(self.threads):
+        with torch_threads(self.threads):
             for i in range(0, len(prompts), self.batch_size):
                 ids = self.tokenizer(
                     list(prompts[i : i + self.batch_size]), padding="max_length", max_length=self.max_length,
@@ -120,16 +120,6 @@ class ClipScorer:
 
     def __repr__(self):
         return f"ClipScorer({self.name!r})"
-
-
-@contextmanager
-def _torch_threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _features(out) -> torch.Tensor:

@@ -216,19 +216,32 @@ def _fp16_packages(pipe, digest: str, components, progress: bool, cache: Path | 
 
 def run_variant(ctx: SweepContext, recipe: Recipe, progress: bool = False, out_dir=None) -> tuple[dict, np.ndarray]:
     """Compress, account, evaluate one recipe into out_dir (default ctx.out_dir): (results row, images)."""
-    from sdwork.compress import compress, summarise_uncompressed, uncompressed_layers
-    from sdwork.evaluate import evaluate
+    from sdwork.compress import compress
 
     out_dir = Path(out_dir or ctx.out_dir)
-    folder = out_dir / "variants" / recipe.name
-    done = compress(recipe, ctx.fp16_packages, folder, pipe=ctx.pipe, progress=progress)
+    done = compress(recipe, ctx.fp16_packages, out_dir / "variants" / recipe.name, pipe=ctx.pipe, progress=progress)
+    return evaluate_variant(ctx, done, recipe.name, ctx.key(recipe), out_dir, progress)
+
+
+def evaluate_variant(ctx: SweepContext, done, name: str, key: str, out_dir=None,
+                     progress: bool = False) -> tuple[dict, np.ndarray]:
+    """Score compressed packages (a sdwork.compress.Compressed) like every variant: (results row, images).
+
+    The row holds the recipe, exact sizes, the weights left dense, the metrics and the timings;
+    other producers of packages (DKM) add their own columns to it.
+    """
+    from sdwork.compress import summarise_uncompressed, uncompressed_layers
+    from sdwork.evaluate import evaluate
+
+    out_dir, recipe = Path(out_dir or ctx.out_dir), done.recipe
     ev = evaluate(ctx.pipe, done.packages, ctx.config.settings, ctx.baseline, ctx.scorer, progress=progress)
     layers = uncompressed_layers(done, ctx.weight_maps)
-    images_file = out_dir / "images" / f"{recipe.name}.npz"
+    images_file = out_dir / "images" / f"{name}.npz"
     images_file.parent.mkdir(parents=True, exist_ok=True)
     np.savez(images_file, images=ev.images)
+    folder = Path(done.packages[recipe.components[0]]).parent
     row = dict(
-        key=ctx.key(recipe), name=recipe.name, model=ctx.config.model, weights_hash=ctx.weights_hash,
+        key=key, name=name, model=ctx.config.model, weights_hash=ctx.weights_hash,
         **{k: v for k, v in recipe.to_dict().items() if k != "overrides"},
         overrides=recipe.to_dict()["overrides"], min_target=recipe.min_target,
         **_size_columns(done, recipe),
@@ -243,9 +256,17 @@ def run_variant(ctx: SweepContext, recipe: Recipe, progress: bool = False, out_d
         compress_s=round(done.seconds, 3), evaluate_s=round(ev.seconds, 3),
         compress_cpu_s=round(done.cpu_seconds, 3), evaluate_cpu_s=round(ev.cpu_seconds, 3),
         coreml_predict=ev.coreml_predict, images=str(images_file.relative_to(out_dir)),
-        packages=str(folder.relative_to(out_dir)), settings=asdict(ctx.config.settings),
+        packages=_relative(folder, out_dir), settings=asdict(ctx.config.settings),
     )
     return row, ev.images
+
+
+def _relative(path: Path, folder: Path) -> str:
+    """path relative to folder when inside it (rows stay valid when the run folder moves), else absolute."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(folder).resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _size_columns(done, recipe: Recipe) -> dict:

@@ -53,15 +53,17 @@ def test_degenerate_ties_still_exact():
 def test_both_exact_routes_agree():
     """The Lagrangian route and the layered DP give the same optimum on fp16-like histograms."""
     rng = np.random.default_rng(7)
-    for k in (4, 16, 64):
-        x, c = np.unique(rng.normal(size=3000).astype(np.float16).astype(np.float64), return_counts=True)
+    for k, n in ((4, 3000), (16, 3000), (64, 3000), (16, 20_000), (256, 20_000)):
+        x, c = np.unique(rng.normal(size=n).astype(np.float16).astype(np.float64), return_counts=True)
         c = c.astype(np.float64)
-        a, b = np.empty(k), np.empty(k)
-        kmeans1d._kmeans_exact(x, c, k, a)
+        a, b, seeded = np.empty(k), np.empty(k), np.empty(k)
+        lam = kmeans1d._kmeans_exact(x, c, k, a)
+        # a sibling group's penalty as the starting guess (how groups after the first are solved)
+        kmeans1d._kmeans_exact(x, c, k, seeded, lam * 1.3 if lam > 0 else -1.0)
         S = [np.concatenate([[0.0], np.cumsum(c * (x - (c * x).sum() / c.sum()) ** p)]) for p in (0, 1, 2)]
         kmeans1d._kmeans_layered(x, c, k, b, *S)
-        sse = [(c * np.abs(x[:, None] - o[None, :]).min(1) ** 2).sum() for o in (a, b)]
-        assert sse[0] == pytest.approx(sse[1], rel=1e-9)
+        sse = [(c * np.abs(x[:, None] - o[None, :]).min(1) ** 2).sum() for o in (a, b, seeded)]
+        assert sse[0] == pytest.approx(sse[1], rel=1e-9) and sse[2] == pytest.approx(sse[1], rel=1e-9)
 
 
 @pytest.mark.parametrize("nbits", [1, 2, 3, 4, 6, 8])

@@ -62,11 +62,14 @@ SMALL = dict(train.DEFAULTS, per_combo=1, vae_steps=4, vae_batch=4, decoder_step
              clip_steps=4, clip_batch=8, ckpt_every=2)
 
 
-def test_vae_training_resumes_bit_identically(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["vae", "clip"])
+def test_training_resumes_bit_identically(tmp_path, monkeypatch, stage):
     torch.set_num_threads(1)
+    cfg = dict(SMALL, clip_unnamed_bg_per_shape=2, clip_unnamed_bg_weight=1.0)
+    fn = {"vae": train.train_vae, "clip": train.train_clip}[stage]
     (tmp_path / "a").mkdir()
-    train.train_vae(dict(SMALL), tmp_path / "a", progress=False)
-    ref = torch.load(tmp_path / "a" / "vae_final.pt", weights_only=True)
+    fn(dict(cfg), tmp_path / "a", progress=False)
+    ref = torch.load(tmp_path / "a" / f"{stage}_final.pt", weights_only=True)
 
     (tmp_path / "b").mkdir()
     real_loop = train._loop
@@ -80,11 +83,11 @@ def test_vae_training_resumes_bit_identically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "_loop", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        train.train_vae(dict(SMALL), tmp_path / "b", progress=False)
-    assert torch.load(tmp_path / "b" / "vae.ckpt", weights_only=True)["step"] == 2
+        fn(dict(cfg), tmp_path / "b", progress=False)
+    assert torch.load(tmp_path / "b" / f"{stage}.ckpt", weights_only=True)["step"] == 2
     monkeypatch.setattr(train, "_loop", real_loop)
-    train.train_vae(dict(SMALL), tmp_path / "b", progress=False)
-    got = torch.load(tmp_path / "b" / "vae_final.pt", weights_only=True)
+    fn(dict(cfg), tmp_path / "b", progress=False)
+    got = torch.load(tmp_path / "b" / f"{stage}_final.pt", weights_only=True)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
@@ -120,3 +123,26 @@ def test_multi_positive_loss_rewards_mass_on_positives():
     good = torch.where(pos, 10.0, -10.0)
     assert train._multi_positive_loss(good, pos) < 1e-3
     assert train._multi_positive_loss(-good, pos) > 5
+
+
+def test_unnamed_background_set_names_no_background_and_no_held_out_combination():
+    train_combos, held = dataset.split_combinations()
+    images, captions = dataset.make_unnamed_background_set(train_combos, 2, seed=3)
+    again, _ = dataset.make_unnamed_background_set(train_combos, 2, seed=3)
+    assert np.array_equal(images, again)
+    triplets = {(a.size, a.colour, a.shape) for a in train_combos}
+    assert {tuple(c.split()[1:]) for c in captions} == triplets and all(len(c.split()) == 4 for c in captions)
+    named = np.array(list(dataset.BACKGROUNDS.values()))
+    corners = images[:, [0, 0, -1, -1], [0, -1, 0, -1]].astype(int)  # shapes keep 2 px off the border
+    assert (np.abs(corners[:, :, None, :] - named[None, None]).max(-1) > 40).all()
+
+
+def test_the_stock_scorer_training_ignores_the_unnamed_set(tmp_path):
+    """Weight 0 must not change what the clip stage computes (the shipped scorer's recipe)."""
+    torch.set_num_threads(1)
+    out = {}
+    for n in (2, 5):
+        (tmp_path / str(n)).mkdir()
+        train.train_clip(dict(SMALL, clip_unnamed_bg_weight=0.0, clip_unnamed_bg_per_shape=n), tmp_path / str(n), progress=False)
+        out[n] = torch.load(tmp_path / str(n) / "clip_final.pt", weights_only=True)
+    assert all(torch.equal(out[2][k], out[5][k]) for k in out[2])

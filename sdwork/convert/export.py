@@ -19,6 +19,7 @@ from sdwork.convert import components as C
 from sdwork.convert.package_io import package_weights, set_metadata
 from sdwork.convert.tokenizer_files import write_tokenizer_files
 from sdwork.convert.weightmap import build_weight_map, sidecar
+from sdwork.quiet import coremltools_progress
 
 FORMAT_VERSION = "1"
 
@@ -92,7 +93,7 @@ def to_coreml(ep, inputs: list[C.Tensor], outputs: list[C.Tensor], target: str, 
     import coremltools as ct
 
     register_alias_op()
-    with _coremltools_progress(progress):
+    with coremltools_progress(progress):
         return ct.convert(
             ep,
             convert_to="mlprogram",
@@ -161,22 +162,6 @@ def _eval(module: torch.nn.Module):
     finally:
         for m, t in modes.items():
             m.training = t
-
-
-@contextlib.contextmanager
-def _coremltools_progress(progress: bool):
-    """coremltools draws its own tqdm bars with no switch to turn them off: swap them out."""
-    if progress:
-        yield
-        return
-    from unittest import mock
-
-    from coremltools.converters.mil.frontend.torch import ops
-    from coremltools.converters.mil.mil.passes import pass_pipeline
-
-    quiet = functools.partial(tqdm, disable=True)
-    with mock.patch.object(ops, "_tqdm", quiet), mock.patch.object(pass_pipeline, "tqdm", quiet):
-        yield
 
 
 def _save(mlmodel, path: Path) -> None:

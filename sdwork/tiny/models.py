@@ -81,12 +81,12 @@ def build_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**SCHEDULER_CONFIG)
 
 
-def build_clip(vocab_size: int, bos_id: int, eos_id: int, text_layers: int = 2) -> CLIPModel:
+def build_clip(vocab_size: int, bos_id: int, eos_id: int) -> CLIPModel:
     vision = CLIPVisionConfig(
         image_size=64, patch_size=8, hidden_size=96, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4
     )
     cfg = CLIPConfig(
-        text_config={**text_config(vocab_size, bos_id, eos_id).to_dict(), "num_hidden_layers": text_layers},
+        text_config=text_config(vocab_size, bos_id, eos_id).to_dict(),
         vision_config=vision.to_dict(),
         projection_dim=64,
     )

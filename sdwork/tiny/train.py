@@ -52,10 +52,8 @@ DEFAULTS = dict(
     clip_full_weight=1.0,  # 0.5 (half partial captions) ranked held-out captions worse: 0.79 vs 0.83
     clip_keep_prob=0.5,
     clip_additive_weight=0.0,  # weight of the additive-caption loss (see _additive_residual)
-    clip_probe_weight=0.0,  # weight of the shared attribute-probe loss (see _AttributeProbes)
     clip_unnamed_bg_weight=0.0,  # weight of the loss on shapes over unnamed backgrounds (see train_clip)
     clip_unnamed_bg_per_shape=64,
-    clip_text_layers=2,
     ckpt_every=250,
 )
 
@@ -127,6 +125,21 @@ def special_ids(tok) -> tuple[int, int, int]:
     return len(tok), tok.bos_token_id, tok.eos_token_id
 
 
+def _set_lr(opt, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+def _update(opt, loss: torch.Tensor, clip_params=None) -> float:
+    """One optimiser step on loss (gradients clipped to norm 1 over clip_params if given)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip_params is not None:
+        torch.nn.utils.clip_grad_norm_(clip_params, 1.0)
+    opt.step()
+    return loss.item()
+
+
 def _loop(name, steps, start, progress, step_fn, ckpt_fn, every):
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not progress)
     loss_ema = None
@@ -154,16 +167,11 @@ def train_vae(cfg: dict, work: Path, progress: bool = True):
     batches = order_rng.integers(0, len(images), size=(cfg["vae_steps"], cfg["vae_batch"]))
 
     def step_fn(step):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg["vae_steps"], cfg["vae_lr"])
+        _set_lr(opt, lr_at(step, cfg["vae_steps"], cfg["vae_lr"]))
         x = to_tensor(images[batches[step]])
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample()).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return _update(opt, F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean())
 
     _loop("vae", cfg["vae_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
     torch.save(vae.state_dict(), final)
@@ -198,17 +206,12 @@ def train_vae_decoder(cfg: dict, work: Path, progress: bool = True):
     batches = order_rng.integers(0, len(images), size=(cfg["decoder_steps"], cfg["decoder_batch"]))
 
     def step_fn(step):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg["decoder_steps"], cfg["decoder_lr"], warmup=50)
+        _set_lr(opt, lr_at(step, cfg["decoder_steps"], cfg["decoder_lr"], warmup=50))
         idx = torch.from_numpy(batches[step])
         z = lat["mean"][idx] + lat["std"][idx] * torch.randn(len(idx), 4, 8, 8)
         x = to_tensor(images[batches[step]])
         recon = vae.decode(z).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.item()
+        return _update(opt, F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x))
 
     _loop("vae_decoder", cfg["decoder_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
     dec = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
@@ -268,8 +271,7 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
     ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
 
     def step_fn(step):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg["unet_steps"], cfg["unet_lr"])
+        _set_lr(opt, lr_at(step, cfg["unet_steps"], cfg["unet_lr"]))
         idx = torch.from_numpy(batches[step])
         b = len(idx)
         z = (lat["mean"][idx] + lat["std"][idx] * torch.randn(b, 4, 8, 8)) * lat["scaling_factor"]
@@ -280,11 +282,7 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
         tokens[torch.rand(b) < cfg["uncond_prob"]] = empty
         pred = unet(noisy, t, text(tokens)[0]).sample
         per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (per * _snr_weights(acp, t, cfg["min_snr_gamma"])).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _update(opt, (per * _snr_weights(acp, t, cfg["min_snr_gamma"])).mean(), clip_params=params)
         with torch.no_grad():
             d = min(cfg["ema_decay"], (1 + step) / (10 + step))  # warm-up so early EMA is not stuck at init
             for pe, p in ema_pairs:
@@ -324,6 +322,19 @@ def _partial_captions(attrs: list, rng: np.random.Generator, p: float = 0.5) -> 
     return [partial_caption(a, k) for a, k in zip(attrs, keep)], keep
 
 
+def _partial_caption_loss(clip, tok, img, y, attrs, values, cfg, step) -> torch.Tensor:
+    """Partial captions ("a green shape", "a small circle on a gray background"): a caption
+    matches every image that has the attributes it names, meant to teach the text tower to
+    compose words (an option: it did not help, see DEFAULTS)."""
+    batch_attrs = [attrs[int(k)] for k in y]
+    texts, keep = _partial_captions(batch_attrs, np.random.default_rng(cfg["seed"] * 7919 + step), cfg["clip_keep_prob"])
+    vals = np.asarray([values[int(k)] for k in y])
+    same = vals[:, None, :] == vals[None, :, :]  # image i vs caption j's image, per attribute
+    pos = torch.from_numpy((same | ~keep[None, :, :]).all(-1))
+    ptxt = F.normalize(features(clip.get_text_features(input_ids=token_ids(tok, texts))), dim=-1)
+    return _multi_positive_loss(clip.logit_scale.exp() * img @ ptxt.T, pos)
+
+
 def _multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """-log of the softmax mass on all positives, rows then columns (CLIP's two directions)."""
     def one(lg, p):
@@ -342,25 +353,6 @@ def _additive_residual(attrs: list) -> torch.Tensor:
     design = torch.tensor(cols, dtype=torch.float64).T
     proj = design @ torch.linalg.pinv(design)
     return (torch.eye(len(attrs), dtype=torch.float64) - proj).float()
-
-
-class _AttributeProbes(torch.nn.Module):
-    """One linear classifier per attribute, shared by the image and the text tower (training only).
-
-    Both towers must then encode every attribute along the same directions of the joint
-    space whatever the other attributes are, so an unseen combination's image and caption
-    land where their attributes point, not near the nearest memorised training combination.
-    """
-
-    def __init__(self, dim: int, attrs: list):
-        super().__init__()
-        self.heads = torch.nn.ModuleList(torch.nn.Linear(dim, len(v)) for v in dataset.ATTRIBUTES.values())
-        self.register_buffer("targets", torch.tensor(
-            [[vals.index(getattr(a, n)) for n, vals in dataset.ATTRIBUTES.items()] for a in attrs]))
-
-    def loss(self, feats: torch.Tensor, caption_ids: torch.Tensor) -> torch.Tensor:
-        t = self.targets[caption_ids]
-        return sum(F.cross_entropy(h(feats), t[:, i]) for i, h in enumerate(self.heads)) / len(self.heads)
 
 
 def _unnamed_bg_data(cfg: dict, combos: list, tok) -> dict:
@@ -417,21 +409,18 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
     label = {c: i for i, c in enumerate(cand)}
     labels = torch.tensor([label[c] for c in captions])
     torch.manual_seed(cfg["seed"] + 3)
-    clip = models.build_clip(*special_ids(tok), text_layers=cfg["clip_text_layers"])
-    probes = _AttributeProbes(clip.config.projection_dim, attrs) if cfg["clip_probe_weight"] > 0 else None
-    params = list(clip.parameters()) + (list(probes.parameters()) if probes else [])
-    opt = torch.optim.AdamW(params, lr=cfg["clip_lr"], weight_decay=1e-2)
+    clip = models.build_clip(*special_ids(tok))
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg["clip_lr"], weight_decay=1e-2)
     residual = _additive_residual(attrs)
     # augmentation draws from per-step generators, not torch's global RNG: no RNG state to keep
-    ck = Checkpoint(work / "clip.ckpt", rng=False, model=clip, opt=opt, **({"probes": probes} if probes else {}))
+    ck = Checkpoint(work / "clip.ckpt", rng=False, model=clip, opt=opt)
     start = ck.resume()
     unnamed = _unnamed_bg_data(cfg, train_combos, tok) if cfg["clip_unnamed_bg_weight"] > 0 else None
     order_rng = np.random.default_rng(cfg["seed"] + 4)
     batches = order_rng.integers(0, len(images), size=(cfg["clip_steps"], cfg["clip_batch"]))
 
     def step_fn(step):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg["clip_steps"], cfg["clip_lr"])
+        _set_lr(opt, lr_at(step, cfg["clip_steps"], cfg["clip_lr"]))
         gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + step)
         idx = torch.from_numpy(batches[step])
         x = _augment(clip_pixels(images[idx.numpy()]), gen)
@@ -444,35 +433,13 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
         aux = cfg["clip_additive_weight"] * (residual @ txt).square().sum(1).mean()
         if unnamed is not None:
             aux = aux + cfg["clip_unnamed_bg_weight"] * _unnamed_bg_loss(clip, unnamed, step, gen)
-        if probes:
-            aux = aux + cfg["clip_probe_weight"] * 0.5 * (probes.loss(img, y) + probes.loss(txt, torch.arange(len(cand))))
-        if w >= 1.0:
-            loss = 0.5 * (loss_i + loss_t) + aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                clip.logit_scale.clamp_(0, math.log(100))
-            return loss.item()
-        # partial captions ("a green shape", "a small circle on a gray background"): a
-        # caption matches every image that has the attributes it names, meant to teach
-        # the text tower to compose words (an option: it did not help, see DEFAULTS)
-        batch_attrs = [attrs[int(k)] for k in y]
-        texts, keep = _partial_captions(
-            batch_attrs, np.random.default_rng(cfg["seed"] * 7919 + step), cfg["clip_keep_prob"]
-        )
-        vals = np.asarray([values[int(k)] for k in y])
-        same = vals[:, None, :] == vals[None, :, :]  # image i vs caption j's image, per attribute
-        pos = torch.from_numpy((same | ~keep[None, :, :]).all(-1))
-        ptxt = F.normalize(features(clip.get_text_features(input_ids=token_ids(tok, texts))), dim=-1)
-        loss_p = _multi_positive_loss(clip.logit_scale.exp() * img @ ptxt.T, pos)
-        loss = w * 0.5 * (loss_i + loss_t) + (1 - w) * loss_p + aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss = 0.5 * (loss_i + loss_t) + aux
+        if w < 1.0:
+            loss = w * 0.5 * (loss_i + loss_t) + (1 - w) * _partial_caption_loss(clip, tok, img, y, attrs, values, cfg, step) + aux
+        value = _update(opt, loss)
         with torch.no_grad():
             clip.logit_scale.clamp_(0, math.log(100))
-        return loss.item()
+        return value
 
     _loop("clip", cfg["clip_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
     torch.save(clip.state_dict(), final)
@@ -501,7 +468,7 @@ def save_models(cfg: dict, work: Path, out: Path):
     pipe.save_pretrained(sd_dir, safe_serialization=True)
     _copy_bpe_files(work, sd_dir / "tokenizer")
 
-    clip = models.build_clip(*special_ids(tok), text_layers=cfg["clip_text_layers"])
+    clip = models.build_clip(*special_ids(tok))
     clip.load_state_dict(torch.load(work / "clip_final.pt", weights_only=True))
     clip.save_pretrained(clip_dir, safe_serialization=True)
     tok.save_pretrained(clip_dir)
