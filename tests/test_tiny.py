@@ -137,8 +137,8 @@ def test_unnamed_background_set_names_no_background_and_no_held_out_combination(
     assert (np.abs(corners[:, :, None, :] - named[None, None]).max(-1) > 40).all()
 
 
-def test_the_stock_scorer_training_ignores_the_unnamed_set(tmp_path):
-    """Weight 0 must not change what the clip stage computes (the shipped scorer's recipe)."""
+def test_weight_zero_switches_the_unnamed_set_off(tmp_path):
+    """At weight 0 the set is neither built nor drawn from: its size changes nothing."""
     torch.set_num_threads(1)
     out = {}
     for n in (2, 5):
