@@ -6,8 +6,8 @@ Stages (each seeded, checkpointed under --work and resumable):
   unet  UNet2DConditionModel + CLIPTextModel on cached latents, noise-prediction
         loss with min-SNR weighting, 10% empty captions for classifier-free
         guidance, EMA weights
-  clip  CLIPModel scorer: contrastive over the training captions (optionally
-        plus multi-positive partial captions)
+  clip  CLIPModel scorer: contrastive over the training captions, plus shapes on
+        unnamed backgrounds captioned without one (so shape is read from the shape)
   save  diffusers StableDiffusionPipeline + CLIPModel under --out (safetensors)
 """
 from __future__ import annotations
