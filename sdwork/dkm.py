@@ -226,7 +226,7 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
     against): the student starts from, and the teacher is, that fp16 UNet.
     `data` overrides the batches (an object with .batch(step) -> distill.Batch).
     """
-    from sdwork.pipeline import round_weights_to_fp16
+    from sdwork.pipeline import round_module_to_fp16, round_weights_to_fp16
 
     run_dir = Path(run_dir)
     _claim_run_dir(run_dir, s)
@@ -247,20 +247,11 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
         seconds = time.perf_counter() - t0 if start < s.steps else 0.0
         cpu = time.process_time() - c0 if start < s.steps else 0.0
         with _quiet_coremltools():
-            unet = _round_to_fp16(palettizer.finalize(inplace=True).eval())
+            # LUTs and the rest snapped to fp16, as the package holds them: torch then computes what it does
+            unet = round_module_to_fp16(palettizer.finalize(inplace=True).eval())
     table = pd.DataFrame(losses, columns=["step", "loss", "seconds"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return DKMRun(s, run_dir, unet, table, skipped, seconds, cpu, peak, resumed_from=start)
-
-
-@torch.no_grad()
-def _round_to_fp16(unet: torch.nn.Module) -> torch.nn.Module:
-    """Every float weight, bias and LUT snapped to fp16, the values the Core ML package will hold:
-    the torch model then computes exactly what the package does."""
-    for t in list(unet.parameters()) + list(unet.buffers()):
-        if t.is_floating_point():
-            t.copy_(t.to(torch.float16).to(t.dtype))
-    return unet
 
 
 def _make_data(pipe, s: DKMSettings, prompts):
@@ -511,7 +502,5 @@ def variant_row(ctx, run: DKMRun, package: Path, prompts: list[str] | None = Non
 
 
 def row_key(ctx, s: DKMSettings, prompts: list[str] | None = None) -> str:
-    """Like SweepContext.key, with the DKM training settings (and prompts) in what the row depends on."""
-    desc = dict(recipe=s.recipe().to_dict(), dkm=s.to_dict(), prompts=prompts, model=ctx.config.model,
-                weights=ctx.weights_hash, settings=asdict(ctx.config.settings), scorer=ctx.config.scorer)
-    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+    """SweepContext.key with the DKM training settings (and prompts) in what the row depends on."""
+    return ctx.key(s.recipe(), dkm=s.to_dict(), prompts=prompts)

@@ -17,7 +17,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from sdwork.generate import torch_threads
-from sdwork.pipeline import ROOT, TINY_CLIP, ModelNotFoundError, _looks_like_path, _offline
+from sdwork.pipeline import ROOT, TINY_CLIP, ModelNotFoundError, _looks_like_path, _offline, load_error
 
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # 11: scikit-image's Gaussian window for sigma 1.5
@@ -165,13 +165,7 @@ def _pretrained_clip(source, local: bool, name: str):
         # the PIL backend always, so pixels do not change when torchvision happens to be installed
         proc = CLIPImageProcessorPil.from_pretrained(source, local_files_only=local or _offline())
     except (OSError, ValueError) as e:
-        if local:
-            raise ModelNotFoundError(f"could not load the CLIP model in {source}: {e}") from e
-        raise ModelNotFoundError(
-            f"could not load CLIP {source!r} from the Hugging Face hub ({'offline' if _offline() else 'online'}): "
-            f"download it first (huggingface-cli download {source}) and pass the local folder, or check the id. "
-            f"Cause: {str(e).splitlines()[0]}"
-        ) from e
+        raise load_error(e, source, local, "the CLIP model", hub_label="CLIP ") from e
     return model.float(), tok, proc, name
 
 

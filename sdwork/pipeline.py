@@ -65,16 +65,21 @@ def load_pipeline(spec: str | os.PathLike = "tiny", dtype: torch.dtype = torch.f
             requires_safety_checker=False,
         )
     except (OSError, ValueError) as e:
-        if local:
-            raise ModelNotFoundError(f"could not load the pipeline in {path}: {e}") from e
-        raise ModelNotFoundError(
-            f"could not load {source!r} from the Hugging Face hub ({'offline' if _offline() else 'online'}): "
-            f"download it first (huggingface-cli download {source}) and pass the local folder, "
-            f"or check the id. Cause: {str(e).splitlines()[0]}"
-        ) from e
+        raise load_error(e, path if local else source, local, "the pipeline") from e
     pipe.set_progress_bar_config(disable=not progress)
     pipe.model_spec = str(spec)
     return pipe
+
+
+def load_error(e: Exception, source, local: bool, what: str, hub_label: str = "") -> ModelNotFoundError:
+    """The error for a model folder or hub id that from_pretrained could not load, with the fix."""
+    if local:
+        return ModelNotFoundError(f"could not load {what} in {source}: {e}")
+    return ModelNotFoundError(
+        f"could not load {hub_label}{source!r} from the Hugging Face hub ({'offline' if _offline() else 'online'}): "
+        f"download it first (huggingface-cli download {source}) and pass the local folder, "
+        f"or check the id. Cause: {str(e).splitlines()[0]}"
+    )
 
 
 def _offline() -> bool:
@@ -122,19 +127,36 @@ def round_weights_to_fp16(pipe):
     On CUDA or MPS one would instead run in fp16; on CPU fp16 kernels are slow
     and less deterministic, so the rounding of the weights is what we keep.
     """
-    with torch.no_grad():
-        for module in components(pipe).values():
-            for t in list(module.parameters()) + list(module.buffers()):
-                if t.is_floating_point():
-                    t.copy_(t.to(torch.float16).to(t.dtype))
+    for module in components(pipe).values():
+        round_module_to_fp16(module)
     return pipe
+
+
+@torch.no_grad()
+def round_module_to_fp16(module: torch.nn.Module) -> torch.nn.Module:
+    """Every float parameter and buffer of module rounded to fp16 in place (dtype kept)."""
+    for t in list(module.parameters()) + list(module.buffers()):
+        if t.is_floating_point():
+            t.copy_(t.to(torch.float16).to(t.dtype))
+    return module
 
 
 def weights_hash(pipe) -> str:
     """sha256 over every component's weights, in a stable order."""
     h = hashlib.sha256()
     for name, module in sorted(components(pipe).items()):
-        for k, v in sorted(module.state_dict().items()):
-            h.update(f"{name}.{k}:{tuple(v.shape)}:{v.dtype}".encode())
-            h.update(v.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+        _hash_weights(h, module, f"{name}.")
     return h.hexdigest()[:16]
+
+
+def module_hash(module) -> str:
+    """sha256 of one torch module's weights (e.g. a CLIP scorer), in a stable order."""
+    h = hashlib.sha256()
+    _hash_weights(h, module, "")
+    return h.hexdigest()[:16]
+
+
+def _hash_weights(h, module, prefix: str) -> None:
+    for k, v in sorted(module.state_dict().items()):
+        h.update(f"{prefix}{k}:{tuple(v.shape)}:{v.dtype}".encode())
+        h.update(v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())  # view(-1): 0-d too

@@ -127,9 +127,12 @@ class SweepContext:
 
         return sum(package_sizes(p).weight_bin_bytes for p in self.fp16_packages.values())
 
-    def key(self, recipe: Recipe) -> str:
+    def key(self, recipe: Recipe, **extra) -> str:
+        """The row key: everything a variant's row depends on (plus what other producers, such as
+        DKM's training settings, add in `extra`)."""
         desc = dict(recipe=recipe.to_dict(), model=self.config.model, weights=self.weights_hash,
-                    settings=asdict(self.config.settings), scorer=self.config.scorer, scorer_weights=self.scorer_hash)
+                    settings=asdict(self.config.settings), scorer=self.config.scorer, scorer_weights=self.scorer_hash,
+                    **extra)
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -137,7 +140,7 @@ def prepare(config: SweepConfig, out_dir, progress: bool = True) -> SweepContext
     """Load the model, make (or reuse) the fp16 baseline images and fp16 packages."""
     from sdwork.generate import fp16_baseline
     from sdwork.metrics import ClipScorer
-    from sdwork.pipeline import load_pipeline, weights_hash
+    from sdwork.pipeline import load_pipeline, module_hash, weights_hash
 
     from sdwork.convert import load_weight_map
 
@@ -151,17 +154,6 @@ def prepare(config: SweepConfig, out_dir, progress: bool = True) -> SweepContext
     fp16 = _fp16_packages(pipe, digest, _needed_components(config.recipes), progress)
     maps = {c: load_weight_map(p) for c, p in fp16.items()}
     return SweepContext(config, out_dir, pipe, baseline, digest, fp16, maps, scorer, scorer_digest)
-
-
-def module_hash(module) -> str:
-    """sha256 of a torch module's weights, in a stable order."""
-    import torch
-
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _init_run_dir(config: SweepConfig, out_dir: Path, baseline: np.ndarray, digest: str,

@@ -166,11 +166,9 @@ def _run(wrapper: torch.nn.Module, args) -> list[np.ndarray]:
 def _fp16_copy(module):
     # plain round-to-nearest, as the project's fp16 baseline (round_weights_to_fp16); an fp16 package
     # can differ from it by 6e-8 where coremltools keeps underflowing values (weightmap.coreml_fp16)
-    m = copy.deepcopy(module).eval()
-    for t in list(m.parameters()) + list(m.buffers()):
-        if t.is_floating_point():
-            t.copy_(t.half().to(t.dtype))
-    return m
+    from sdwork.pipeline import round_module_to_fp16
+
+    return round_module_to_fp16(copy.deepcopy(module).eval())
 
 
 def _nan_copy(module, sp: C.Component):

@@ -75,6 +75,14 @@ def parse_caption(caption: str) -> Attrs:
     return attrs
 
 
+def partial_caption(attrs: Attrs, keep) -> str:
+    """A caption naming only the kept attributes (size, colour, shape, background), e.g.
+    "a green shape on a black background" or "a small green circle"."""
+    size, colour, shape, bg = (bool(k) for k in keep)
+    words = ["a"] + [attrs.size] * size + [attrs.colour] * colour + [attrs.shape if shape else "shape"]
+    return " ".join(words) + (f" on a {attrs.background} background" if bg else "")
+
+
 def one_attribute_variants(attrs: Attrs) -> list[Attrs]:
     """Every caption that differs from `attrs` in exactly one attribute."""
     out = []
@@ -148,8 +156,9 @@ def make_unnamed_background_set(combos: list[Attrs], per_shape: int, seed: int) 
     for size, colour, shape in triplets:
         for _ in range(per_shape):
             bg = unnamed_background(colour, rng)
-            images.append(render(Attrs(size, colour, shape, "white"), rng, background_rgb=bg))
-            captions.append(f"a {size} {colour} {shape}")
+            attrs = Attrs(size, colour, shape, "white")  # the background is replaced, never named
+            images.append(render(attrs, rng, background_rgb=bg))
+            captions.append(partial_caption(attrs, (True, True, True, False)))
     return np.stack(images), captions
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sdwork.tiny import dataset, models, tokenizer
+from sdwork.tiny.dataset import partial_caption
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "data" / "models"
@@ -307,13 +308,6 @@ def features(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
-def partial_caption(attrs: dataset.Attrs, keep: np.ndarray) -> str:
-    """A caption naming only the kept attributes, e.g. "a green shape on a black background"."""
-    size, colour, shape, bg = (bool(k) for k in keep)
-    words = ["a"] + [attrs.size] * size + [attrs.colour] * colour + [attrs.shape if shape else "shape"]
-    return " ".join(words) + (f" on a {attrs.background} background" if bg else "")
-
-
 def _partial_captions(attrs: list, rng: np.random.Generator, p: float = 0.5) -> tuple[list[str], np.ndarray]:
     """Per image a random subset of its attributes (each kept with probability p, at least one)."""
     keep = rng.random((len(attrs), 4)) < p
@@ -357,11 +351,16 @@ def _unnamed_bg_data(cfg: dict, combos: list, tok) -> dict:
 def _unnamed_bg_loss(clip, data: dict, step: int, gen: torch.Generator) -> torch.Tensor:
     """Image -> caption cross-entropy over every background-free caption, and caption -> image over the batch."""
     idx = data["order"][step]
-    x = _augment(clip_pixels(data["images"][idx]), gen)
-    img = F.normalize(features(clip.get_image_features(pixel_values=x)), dim=-1)
-    txt = F.normalize(features(clip.get_text_features(input_ids=data["ids"])), dim=-1)
-    loss_i, loss_t = _contrastive(clip.logit_scale.exp() * img @ txt.T, data["labels"][torch.from_numpy(idx)])
+    logits, _ = _logits(clip, _augment(clip_pixels(data["images"][idx]), gen), data["ids"])
+    loss_i, loss_t = _contrastive(logits, data["labels"][torch.from_numpy(idx)])
     return 0.5 * (loss_i + loss_t)
+
+
+def _logits(clip, pixels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scaled cosine logits images x captions, the normalised image embeddings)."""
+    img = F.normalize(features(clip.get_image_features(pixel_values=pixels)), dim=-1)
+    txt = F.normalize(features(clip.get_text_features(input_ids=ids)), dim=-1)
+    return clip.logit_scale.exp() * img @ txt.T, img
 
 
 def _contrastive(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -408,10 +407,7 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
         _set_lr(opt, lr_at(step, cfg["clip_steps"], cfg["clip_lr"]))
         gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + step)
         idx = torch.from_numpy(batches[step])
-        x = _augment(clip_pixels(images[idx.numpy()]), gen)
-        img = F.normalize(features(clip.get_image_features(pixel_values=x)), dim=-1)
-        txt = F.normalize(features(clip.get_text_features(input_ids=cand_ids)), dim=-1)
-        logits = clip.logit_scale.exp() * img @ txt.T
+        logits, img = _logits(clip, _augment(clip_pixels(images[idx.numpy()]), gen), cand_ids)
         y = labels[idx]
         loss_i, loss_t = _contrastive(logits, y)
         w = cfg["clip_full_weight"]
