@@ -9,6 +9,11 @@ Three engines, chosen by `recipe.engine`:
 coremltools skips a weight it cannot palettize with only a log warning; we
 record those warnings and, from the written package, list every weight left
 dense with the reason (see `uncompressed_layers`).
+
+Only model weights are compressed, on every engine: a const that is no torch
+parameter (the text encoder's 1x1x77x77 causal mask) stays fp16. coremltools'
+global config would palettize it, the torch engine cannot reach it, and a LUT
+over a mask saves a few KB while counting a non-weight as a compressed layer.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ TORCH_MODULES = {
     "vae_encoder": ("vae.encoder", "vae.quant_conv"),
 }
 _TARGETS = {"iOS16": 7, "iOS17": 8, "iOS18": 9}  # specificationVersion of each deployment target
+POLICY = "model-weights-only"  # what gets compressed; part of a sweep row's key
 
 
 class EngineUnavailableError(RuntimeError):
@@ -52,6 +58,7 @@ class Compressed:
     warnings: dict[str, list[str]] = field(default_factory=dict)  # engine log lines per component
     seconds: float = 0.0  # wall clock of the engine
     cpu_seconds: float = 0.0  # CPU time of this process (all threads): comparable across machine loads
+    not_weights: dict[str, tuple[str, ...]] = field(default_factory=dict)  # consts kept fp16: no model weight
 
 
 def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None, progress: bool = True) -> Compressed:
@@ -68,6 +75,7 @@ def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None,
     for comp in recipe.components:
         _check_target(fp16_packages[comp], recipe)
     _check_overrides(recipe, fp16_packages)
+    not_weights = {c: non_weight_consts(fp16_packages[c]) for c in recipe.components}
     t0, c0 = time.perf_counter(), time.process_time()
     if recipe.engine == "torch":
         written, warnings = _compress_torch(recipe, pipe, out_dir, progress)
@@ -75,13 +83,13 @@ def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None,
         written, warnings = {}, {}
         for comp in recipe.components:
             dst = out_dir / f"{PACKAGE_NAMES[comp]}.mlpackage"
-            warnings[comp] = _compress_coreml(recipe, fp16_packages[comp], dst, progress)
+            warnings[comp] = _compress_coreml(recipe, fp16_packages[comp], dst, progress, not_weights[comp])
             _copy_sidecars(fp16_packages[comp], dst)
             written[comp] = dst
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     packages = {**fp16_packages, **written}
     sizes = {c: package_sizes(p) for c, p in packages.items()}
-    result = Compressed(recipe, packages, sizes, warnings, seconds, cpu)
+    result = Compressed(recipe, packages, sizes, warnings, seconds, cpu, not_weights)
     _check_something_compressed(result)
     return result
 
@@ -92,7 +100,7 @@ def _check_something_compressed(result: Compressed) -> None:
         if any(l.compressed for l in result.sizes[comp].layers):
             continue
         skipped = [l for l in uncompressed_layers(result) if l["component"] == comp]
-        kinds = {l["kind"] for l in skipped if l["kind"] not in ("one_d", "below_threshold")}
+        kinds = {l["kind"] for l in skipped if l["kind"] not in ("one_d", "below_threshold", "not_a_weight")}
         if kinds and kinds != {"override"}:
             example = next(l for l in skipped if l["kind"] in kinds)
             raise ValueError(
@@ -105,15 +113,27 @@ def _check_something_compressed(result: Compressed) -> None:
 # --- Core ML side -------------------------------------------------------------------
 
 
-def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool) -> list[str]:
+def non_weight_consts(package) -> tuple[str, ...]:
+    """Consts of a converted package that hold no model weight (per its weight map); () for a
+    package without one (not converted by sdwork: nothing is known, coremltools decides)."""
+    from sdwork.convert import PackageError, load_weight_map
+
+    try:
+        weights = set(load_weight_map(package).values())
+    except PackageError:
+        return ()
+    return tuple(sorted(l.name for l in package_sizes(package).layers if l.name not in weights))
+
+
+def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool, keep_dense: tuple[str, ...]) -> list[str]:
     import coremltools as ct
 
     palettize = _engine_function(recipe.engine)
     ml = ct.models.MLModel(str(src), skip_model_load=True)
+    config = recipe.to_coreml_config(keep_dense)
     with _captured_log("coremltools") as lines, _omp_single_thread(), coremltools_progress(progress):
         try:
-            out = palettize(ml, recipe.to_coreml_config(), progress=progress) if recipe.engine == "sdwork" else \
-                palettize(ml, recipe.to_coreml_config())
+            out = palettize(ml, config, progress=progress) if recipe.engine == "sdwork" else palettize(ml, config)
         except NotImplementedError as e:
             raise EngineUnavailableError(
                 f"engine 'sdwork' does not cover recipe {recipe.name}: {e}; run it with engine='coremltools'"
@@ -273,22 +293,22 @@ def uncompressed_layers(result: Compressed, weight_maps: dict[str, dict[str, str
         for layer in result.sizes[comp].layers:
             if layer.compressed:
                 continue
-            is_param = layer.name in names if weight_maps else True
-            reason, kind = _reason(layer, recipe, overrides, engine_msgs, is_param)
+            not_weight = layer.name in result.not_weights.get(comp, ())
+            reason, kind = _reason(layer, recipe, overrides, engine_msgs, not_weight)
             out.append(dict(component=comp, name=layer.name, torch_name=names.get(layer.name), shape=list(layer.shape),
                             numel=layer.numel, kind=kind, reason=reason))
     return out
 
 
-def _reason(layer, recipe: Recipe, overrides: dict, engine_msgs: dict, is_param: bool) -> tuple[str, str]:
-    reason, kind = _derived_reason(layer, recipe, overrides, is_param)
+def _reason(layer, recipe: Recipe, overrides: dict, engine_msgs: dict, not_weight: bool) -> tuple[str, str]:
+    reason, kind = _derived_reason(layer, recipe, overrides, not_weight)
     msgs = engine_msgs.get(layer.name)
     if kind == "engine" and msgs:
         return " ".join(msgs), kind
     return (f"{reason} (engine: {msgs[0]})" if msgs else reason), kind
 
 
-def _derived_reason(layer, recipe: Recipe, overrides: dict, is_param: bool) -> tuple[str, str]:
+def _derived_reason(layer, recipe: Recipe, overrides: dict, not_weight: bool) -> tuple[str, str]:
     if layer.name in overrides and overrides[layer.name] is None:
         return "left fp16 by a recipe override", "override"
     spec = overrides.get(layer.name)
@@ -297,14 +317,15 @@ def _derived_reason(layer, recipe: Recipe, overrides: dict, is_param: bool) -> t
         return "1-D tensor (coremltools never palettizes these)", "one_d"
     if layer.numel <= recipe.weight_threshold:
         return f"{layer.numel} elements <= weight_threshold {recipe.weight_threshold}", "below_threshold"
+    if not_weight:
+        return "a constant, not a module weight (e.g. an attention mask): sdwork compresses model weights only", \
+            "not_a_weight"
     axis = _output_axis(layer)
     channels = layer.shape[axis]
     if gran == "per_grouped_channel" and channels % group:
         return f"{channels} output channels not divisible by group_size {group}", "channels_not_divisible"
     if recipe.cluster_dim > 1 and channels % recipe.cluster_dim:
         return f"{channels} output channels not divisible by cluster_dim {recipe.cluster_dim}", "cluster_dim"
-    if recipe.engine == "torch" and not is_param:
-        return "a constant, not a module weight: the torch engine palettizes module weights only", "engine"
     return f"left dense by engine '{recipe.engine}' without a logged reason", "engine"
 
 

@@ -153,11 +153,13 @@ class Recipe:
             **kw,
         )
 
-    def to_coreml_config(self):
-        """`OptimizationConfig` for `ct.optimize.coreml.palettize_weights` (overrides as op-name configs)."""
+    def to_coreml_config(self, keep_dense: tuple[str, ...] = ()):
+        """`OptimizationConfig` for `ct.optimize.coreml.palettize_weights` (overrides as op-name
+        configs; the consts in `keep_dense` get None, i.e. stay fp16)."""
         from coremltools.optimize.coreml import OptimizationConfig
 
-        by_name = {k: (None if v is None else self.op_config(v)) for k, v in self.overrides}
+        by_name = {k: None for k in keep_dense}
+        by_name.update({k: (None if v is None else self.op_config(v)) for k, v in self.overrides})
         return OptimizationConfig(global_config=self.op_config(), op_name_configs=by_name)
 
     def to_torch_config(self, skip_modules: tuple[str, ...] = ()):

@@ -130,7 +130,9 @@ class SweepContext:
     def key(self, recipe: Recipe, **extra) -> str:
         """The row key: everything a variant's row depends on (plus what other producers, such as
         DKM's training settings, add in `extra`)."""
-        desc = dict(recipe=recipe.to_dict(), model=self.config.model, weights=self.weights_hash,
+        from sdwork.compress import POLICY
+
+        desc = dict(recipe=recipe.to_dict(), policy=POLICY, model=self.config.model, weights=self.weights_hash,
                     settings=asdict(self.config.settings), scorer=self.config.scorer, scorer_weights=self.scorer_hash,
                     **extra)
         return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]

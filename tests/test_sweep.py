@@ -90,6 +90,7 @@ def test_row_contents_agree_with_the_files(ctx, tmp_path):
     emb = skipped["embeddings.token_embedding.weight"]
     assert emb["kind"] == "channels_not_divisible" and "not divisible by group_size 16" in emb["reason"]
     assert row["uncompressed_by_reason"]["channels_not_divisible"]["layers"] >= 1
+    _assert_mask_kept_dense(row["uncompressed"], te)
     assert [p["prompt"] for p in row["per_prompt"]] == list(ctx.config.settings.prompts)
     for m in ("psnr", "ssim", "clip_image_image", "clip_text_image"):
         assert np.isfinite(row[m]), m
@@ -135,6 +136,15 @@ def test_plots(ctx, swept):
     plt.close("all")
 
 
+def _assert_mask_kept_dense(uncompressed: list[dict], sizes) -> None:
+    """The causal mask (a const, no weight) stays fp16 and is listed as such; every other
+    dense layer of that size class is a model weight."""
+    masks = [u for u in uncompressed if u["kind"] == "not_a_weight"]
+    assert [u["shape"] for u in masks] == [[1, 1, 77, 77]] and masks[0]["torch_name"] is None
+    assert "not a module weight" in masks[0]["reason"]
+    assert not any(l.compressed for l in sizes.layers if l.name == masks[0]["name"])
+
+
 def test_pareto_front():
     from sdwork.plots import pareto_front
 
@@ -154,6 +164,7 @@ def test_engines(ctx, tmp_path):
     ref = compress(r.with_(engine="coremltools"), ctx.fp16_packages, tmp_path / "ref", progress=False)
     a, b = fast.sizes["text_encoder"], ref.sizes["text_encoder"]
     assert a.weight_bin_bytes == b.weight_bin_bytes and a.lut_count == b.lut_count  # same layout
+    _assert_mask_kept_dense(uncompressed_layers(fast, ctx.weight_maps), a)
     vector = Recipe(nbits=4, granularity="per_grouped_channel", group_size=16, cluster_dim=2,
                     components=("text_encoder",), engine="sdwork")
     with pytest.raises(EngineUnavailableError, match="engine='coremltools'"):
@@ -165,10 +176,8 @@ def test_torch_engine(ctx, tmp_path):
     done = compress(r, ctx.fp16_packages, tmp_path, pipe=ctx.pipe, progress=False)
     s = done.sizes["text_encoder"]
     assert s.lut_count > 0 and s.weight_bin_bytes < package_sizes(ctx.fp16_packages["text_encoder"]).weight_bin_bytes
-    # the causal-mask constant is no module weight: the torch side leaves it, and says so
-    kinds = {u["name"]: u for u in uncompressed_layers(done, ctx.weight_maps) if u["torch_name"] is None
-             and len(u["shape"]) > 1}
-    assert kinds and all("not a module weight" in u["reason"] for u in kinds.values())
+    # the causal-mask constant is no module weight: every engine leaves it, and says so
+    _assert_mask_kept_dense(uncompressed_layers(done, ctx.weight_maps), s)
     ev = evaluate(ctx.pipe, done.packages, ctx.config.settings, ctx.baseline, None, progress=False)
     assert 10 < ev.means["psnr"] < float("inf")
 
