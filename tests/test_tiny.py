@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdwork.tiny import dataset, judge, tokenizer, train
+from sdwork.tiny import dataset, judge, models, tokenizer, train
 
 
 def test_dataset_is_reproducible_and_held_out_is_disjoint():
@@ -146,3 +146,40 @@ def test_weight_zero_switches_the_unnamed_set_off(tmp_path):
         train.train_clip(dict(SMALL, clip_unnamed_bg_weight=0.0, clip_unnamed_bg_per_shape=n), tmp_path / str(n), progress=False)
         out[n] = torch.load(tmp_path / str(n) / "clip_final.pt", weights_only=True)
     assert all(torch.equal(out[2][k], out[5][k]) for k in out[2])
+
+
+def test_trimmed_caption_ids_give_the_same_text_features(tmp_path):
+    """Training drops the padding after the end token; the causal text tower must not notice."""
+    torch.set_num_threads(1)
+    tokenizer.build_tokenizer_files(dataset.vocabulary_words(), tmp_path)
+    tok = tokenizer.load_tokenizer(tmp_path)
+    torch.manual_seed(0)
+    clip = models.build_clip(*train.special_ids(tok)).eval()
+    captions = [c.caption for c in dataset.all_combinations()[:20]] + ["a circle"]
+    ids = train.token_ids(tok, captions)
+    short = train._trim(ids, tok.eos_token_id)
+    assert short.shape[1] == 10  # BOS, 8 words, EOS
+    with torch.no_grad():
+        full, trimmed = (train.features(clip.get_text_features(input_ids=x)) for x in (ids, short))
+    torch.testing.assert_close(trimmed, full, rtol=0, atol=1e-5)  # float summation order only
+    no_end = ids.clone()
+    no_end[0, :] = tok.bos_token_id  # no end token: nothing may be cut
+    assert torch.equal(train._trim(no_end, tok.eos_token_id), no_end)
+
+
+def test_text_shape_loss_maps_each_caption_to_its_own_background_free_caption(tmp_path):
+    tokenizer.build_tokenizer_files(dataset.vocabulary_words(), tmp_path)
+    tok = tokenizer.load_tokenizer(tmp_path)
+    captions = [c.caption for c in dataset.split_combinations()[0]]
+    data = train._text_shape_data(captions, tok)
+    texts = tok.batch_decode(data["ids"], skip_special_tokens=True)
+    assert len(texts) == 36  # 2 sizes x 6 colours x 3 shapes, all present in training
+    for c, t in zip(captions, data["targets"]):
+        a = dataset.parse_caption(c)
+        assert texts[int(t)].split() == ["a", a.size, a.colour, a.shape]
+    torch.manual_seed(0)
+    clip = models.build_clip(*train.special_ids(tok))
+    cand_ids = train._trim(train.token_ids(tok, captions), tok.eos_token_id)
+    train._text_shape_loss(clip, cand_ids, data).backward()
+    assert clip.text_model.embeddings.token_embedding.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in clip.vision_model.parameters())  # text only
