@@ -7,7 +7,9 @@ Stages (each seeded, checkpointed under --work and resumable):
         loss with min-SNR weighting, 10% empty captions for classifier-free
         guidance, EMA weights
   clip  CLIPModel scorer: contrastive over the training captions, plus shapes on
-        unnamed backgrounds captioned without one (so shape is read from the shape)
+        unnamed backgrounds captioned without one (so shape is read from the shape),
+        plus a text-only loss tying each caption to its background-free form (so the
+        shape word, not the background, steers a caption's embedding)
   save  diffusers StableDiffusionPipeline + CLIPModel under --out (safetensors)
 """
 from __future__ import annotations
