@@ -83,6 +83,11 @@ def partial_caption(attrs: Attrs, keep) -> str:
     return " ".join(words) + (f" on a {attrs.background} background" if bg else "")
 
 
+def background_free_caption(attrs: Attrs) -> str:
+    """The caption without its background: "a small green circle"."""
+    return partial_caption(attrs, (True, True, True, False))
+
+
 def one_attribute_variants(attrs: Attrs) -> list[Attrs]:
     """Every caption that differs from `attrs` in exactly one attribute."""
     out = []
@@ -158,7 +163,7 @@ def make_unnamed_background_set(combos: list[Attrs], per_shape: int, seed: int) 
             bg = unnamed_background(colour, rng)
             attrs = Attrs(size, colour, shape, "white")  # the background is replaced, never named
             images.append(render(attrs, rng, background_rgb=bg))
-            captions.append(partial_caption(attrs, (True, True, True, False)))
+            captions.append(background_free_caption(attrs))
     return np.stack(images), captions
 
 

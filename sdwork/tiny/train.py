@@ -359,16 +359,12 @@ def _unnamed_bg_loss(clip, data: dict, step: int, gen: torch.Generator) -> torch
     return 0.5 * (loss_i + loss_t)
 
 
-def bg_free(caption: str) -> str:
-    """The caption without its background: "a small green circle"."""
-    return partial_caption(dataset.parse_caption(caption), (True, True, True, False))
-
-
 def _text_shape_data(captions: list[str], tok) -> dict:
     """The background-free captions (token ids) and, per caption, the index of its own."""
-    texts = sorted({bg_free(c) for c in captions})
+    own = [dataset.background_free_caption(dataset.parse_caption(c)) for c in captions]
+    texts = sorted(set(own))
     label = {c: i for i, c in enumerate(texts)}
-    return dict(ids=_trim(token_ids(tok, texts), tok.eos_token_id), targets=torch.tensor([label[bg_free(c)] for c in captions]))
+    return dict(ids=_trim(token_ids(tok, texts), tok.eos_token_id), targets=torch.tensor([label[c] for c in own]))
 
 
 def _text_shape_loss(clip, cand_ids: torch.Tensor, data: dict) -> torch.Tensor:
