@@ -26,6 +26,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": (8.0, 11.0), "large": (17.0, 22.0)}  # radius range in pixels
+SQUARE_HALF_SIDE = 0.85  # x radius: a square of about the area of the circle of the same radius
 BACKGROUNDS = {"white": (240, 240, 240), "black": (20, 20, 20), "gray": (128, 128, 128)}
 
 ATTRIBUTES = {
@@ -121,7 +122,7 @@ def render(attrs: Attrs, rng: np.random.Generator, background_rgb=None) -> np.nd
     if attrs.shape == "circle":
         draw.ellipse([x - rr, y - rr, x + rr, y + rr], fill=fill)
     elif attrs.shape == "square":
-        h = rr * 0.85  # similar area to the circle of the same radius
+        h = rr * SQUARE_HALF_SIDE
         draw.rectangle([x - h, y - h, x + h, y + h], fill=fill)
     else:  # upright equilateral triangle inscribed in the circle
         pts = [(x + rr * np.cos(a), y - rr * np.sin(a)) for a in np.deg2rad([90, 210, 330])]

@@ -69,3 +69,31 @@ def prompt_following(pipe, scorer, seeds=(0, 1, 2, 3), steps: int = 20, guidance
         clip_shape=by_clip["shape"],
         images=images,
     )
+
+
+def labelled_round_trips(vae, per_combo: int = 8, seed: int = 99, noise=(0.0, 0.5)) -> tuple[dict, list]:
+    """Dataset images of every combination, as drawn ("clean") and through the VAE, with Gaussian
+    noise of `noise` x the latents' std added before decoding ("vae+0.5"): images whose attributes are
+    known, blurred and damaged the way a decoder damages them, to measure the pixel judge on."""
+    import torch
+
+    images, captions = dataset.make_dataset(dataset.all_combinations(), per_combo, seed)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    g = torch.Generator().manual_seed(seed)
+    sets = {"clean": images}
+    with torch.no_grad():
+        mean = torch.cat([vae.encode(x[i : i + 256]).latent_dist.mean for i in range(0, len(x), 256)])
+        for s in noise:
+            z = mean + s * mean.std() * torch.randn(mean.shape, generator=g)
+            dec = torch.cat([vae.decode(z[i : i + 256]).sample for i in range(0, len(z), 256)])
+            sets[f"vae+{s}"] = ((dec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return sets, [dataset.parse_caption(c) for c in captions]
+
+
+def shape_confusion(images: np.ndarray, targets: list) -> np.ndarray:
+    """Counts [true shape, judged shape] over dataset.SHAPES, plus a last column for "no shape seen"."""
+    out = np.zeros((len(dataset.SHAPES), len(dataset.SHAPES) + 1), int)
+    for img, t in zip(images, targets):
+        j = judge.judge(img)
+        out[dataset.SHAPES.index(t.shape), len(dataset.SHAPES) if j is None else dataset.SHAPES.index(j.shape)] += 1
+    return out
