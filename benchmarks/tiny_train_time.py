@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from sdwork.tiny import train  # noqa: E402
 
 BUDGET_S = 90 * 60
-STAGE_STEPS = {"vae": "vae_steps", "vae_decoder": "decoder_steps", "clip": "clip_steps", "unet": "unet_steps"}
+STAGE_STEPS = {"vae": "vae_steps", "vae_decoder": "decoder_steps", "unet": "unet_steps", "clip": "clip_steps"}
 
 
 def time_stage(stage: str, cfg: dict, work: Path, steps: int) -> float:
@@ -52,8 +52,7 @@ def main():
         data_s = time.perf_counter() - t0
         print(f"{'dataset':12s} {data_s:7.1f} s")
         total += data_s
-        for stage in train.STAGES:  # the CLI's order: a stage may read an earlier one's output
-            key = STAGE_STEPS[stage]
+        for stage, key in STAGE_STEPS.items():
             per = time_stage(stage, cfg, work, a.steps)
             full = per * cfg[key]
             total += full

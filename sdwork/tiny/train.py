@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import itertools
 import json
 import math
 import shutil
@@ -50,8 +49,6 @@ DEFAULTS = dict(
     uncond_prob=0.1,
     ema_decay=0.999,
     min_snr_gamma=5.0,
-    unet_text_encoder="joint",  # "joint": trained with the UNet; "clip": the scorer's text tower, frozen (as SD)
-    unet_partial_prob=0.0,  # share of captions replaced by a random partial caption ("a small green square")
     clip_steps=1500,
     clip_batch=128,
     clip_lr=1e-3,
@@ -251,39 +248,12 @@ def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) ->
     return torch.clamp(snr, max=gamma) / snr
 
 
-def _text_encoder_state(cfg: dict, work: Path) -> dict | None:
-    """None to train the text encoder with the UNet ("joint"); for "clip", the scorer's trained
-    text tower, to load and freeze, as SD conditions on a frozen CLIP text encoder."""
-    choice = cfg["unet_text_encoder"]
-    if choice == "joint":
-        return None
-    if choice != "clip":
-        raise ValueError(f"unet_text_encoder must be 'joint' or 'clip', got {choice!r}")
-    path = work / "clip_final.pt"
-    if not path.exists():
-        raise FileNotFoundError(f"unet_text_encoder='clip' needs the scorer first: no {path}; run the clip stage before unet")
-    prefix = "text_model."  # CLIPModel's keys; CLIPTextModel's state_dict has them without it
-    return {k[len(prefix):]: v for k, v in torch.load(path, weights_only=True).items() if k.startswith(prefix)}
-
-
-def _partial_ids(tok, captions: list[str]) -> tuple[list[str], torch.Tensor, torch.Tensor]:
-    """Token ids of every partial caption of every training combination (each non-empty subset
-    of its four attributes), and per training image the rows of its own combination's."""
-    combos = sorted(set(captions))
-    masks = [m for m in itertools.product((False, True), repeat=4) if any(m)]
-    texts = [partial_caption(dataset.parse_caption(c), m) for c in combos for m in masks]
-    row = {c: i for i, c in enumerate(combos)}
-    rows = torch.tensor([[row[c] * len(masks) + j for j in range(len(masks))] for c in captions])
-    return texts, token_ids(tok, texts), rows
-
-
 def train_unet(cfg: dict, work: Path, progress: bool = True):
     final = work / "unet_final.pt"
     if final.exists():
         return
     from diffusers import DDPMScheduler
 
-    frozen_text = _text_encoder_state(cfg, work)  # fails early, before any work
     _, captions = train_data(cfg, work)
     lat = cache_latents(cfg, work)
     tok = get_tokenizer(work)
@@ -292,12 +262,8 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
     torch.manual_seed(cfg["seed"])
     unet = models.build_unet()
     text = models.build_text_encoder(*special_ids(tok))
-    joint = frozen_text is None
-    if not joint:
-        text.load_state_dict(frozen_text)
-        text.requires_grad_(False)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
-    params = list(unet.parameters()) + (list(text.parameters()) if joint else [])
+    params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["unet_lr"], weight_decay=1e-2)
     ck = Checkpoint(work / "unet.ckpt", unet=unet, text=text, ema_unet=ema_unet, ema_text=ema_text, opt=opt)
     start = ck.resume()
@@ -305,9 +271,7 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
     acp = sched.alphas_cumprod
     order_rng = np.random.default_rng(cfg["seed"] + 2)
     batches = order_rng.integers(0, len(captions), size=(cfg["unet_steps"], cfg["unet_batch"]))
-    ema_params = list(ema_unet.parameters()) + (list(ema_text.parameters()) if joint else [])
-    ema_pairs = list(zip(ema_params, params))
-    partial = _partial_ids(tok, captions) if cfg["unet_partial_prob"] > 0 else None
+    ema_pairs = list(zip(list(ema_unet.parameters()) + list(ema_text.parameters()), params))
 
     def step_fn(step):
         _set_lr(opt, lr_at(step, cfg["unet_steps"], cfg["unet_lr"]))
@@ -318,12 +282,6 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
         t = torch.randint(0, sched.config.num_train_timesteps, (b,))
         noisy = sched.add_noise(z, noise, t)
         tokens = ids[idx].clone()
-        if partial is not None:  # own numpy stream per step: torch's RNG draws stay those of the default
-            _, pids, rows = partial
-            rng = np.random.default_rng([cfg["seed"] + 5, step])
-            pick = torch.from_numpy(rng.random(b) < cfg["unet_partial_prob"])
-            choice = torch.from_numpy(rng.integers(0, rows.shape[1], size=b))
-            tokens[pick] = pids[rows[idx, choice]][pick]
         tokens[torch.rand(b) < cfg["uncond_prob"]] = empty
         pred = unet(noisy, t, text(tokens)[0]).sample
         per = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
@@ -542,12 +500,12 @@ def _copy_bpe_files(work: Path, dest: Path):
         shutil.copy(work / "tokenizer" / name, dest / name)
 
 
-STAGES = {"vae": train_vae, "vae_decoder": train_vae_decoder, "clip": train_clip, "unet": train_unet}
+STAGES = {"vae": train_vae, "vae_decoder": train_vae_decoder, "unet": train_unet, "clip": train_clip}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--stages", default="vae,vae_decoder,clip,unet,save", help="comma-separated: vae, vae_decoder, clip, unet, save")
+    p.add_argument("--stages", default="vae,vae_decoder,unet,clip,save", help="comma-separated: vae, vae_decoder, unet, clip, save")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help="checkpoints and caches (resume from here)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
