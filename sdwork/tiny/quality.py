@@ -77,8 +77,11 @@ def labelled_round_trips(vae, per_combo: int = 8, seed: int = 99, noise=(0.0, 0.
     known, blurred and damaged the way a decoder damages them, to measure the pixel judge on."""
     import torch
 
+    from sdwork.generate import to_uint8
+    from sdwork.tiny.train import to_tensor
+
     images, captions = dataset.make_dataset(dataset.all_combinations(), per_combo, seed)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    x = to_tensor(images)
     g = torch.Generator().manual_seed(seed)
     sets = {"clean": images}
     with torch.no_grad():
@@ -86,7 +89,7 @@ def labelled_round_trips(vae, per_combo: int = 8, seed: int = 99, noise=(0.0, 0.
         for s in noise:
             z = mean + s * mean.std() * torch.randn(mean.shape, generator=g)
             dec = torch.cat([vae.decode(z[i : i + 256]).sample for i in range(0, len(z), 256)])
-            sets[f"vae+{s}"] = ((dec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+            sets[f"vae+{s}"] = to_uint8((dec / 2 + 0.5).permute(0, 2, 3, 1).numpy())  # as the pipeline outputs
     return sets, [dataset.parse_caption(c) for c in captions]
 
 
