@@ -59,7 +59,7 @@ def main() -> None:
 
     from sdwork.convert import convert_component, load_packages_into_pipeline, package_size, package_weights
     from sdwork.convert.fullsize import random_pipeline
-    from sdwork.pipeline import ROOT
+    from sdwork.paths import ROOT
 
     torch.set_num_threads(2)
     out = Path(args.out) if args.out else ROOT / "runs" / "benchmarks" / f"{args.arch}-unet"

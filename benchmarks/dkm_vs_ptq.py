@@ -24,7 +24,7 @@ import yaml  # noqa: E402
 
 from sdwork import dkm, sweep  # noqa: E402
 from sdwork.generate import GenSettings  # noqa: E402
-from sdwork.pipeline import ROOT  # noqa: E402
+from sdwork.load import ROOT  # noqa: E402
 
 METRICS = ("psnr", "ssim", "clip_image_image", "clip_text_image")
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from sdwork.pipeline import load_pipeline  # noqa: E402
+from sdwork.load import load_pipeline  # noqa: E402
 from sdwork.tiny import dataset, quality  # noqa: E402
 
 

@@ -26,11 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # coremltools' k-means can hang with several OpenMP workers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdwork import mixedbit as mb  # noqa: E402
+from sdwork.experiments import mixedbit as mb  # noqa: E402
 from sdwork.generate import GenSettings  # noqa: E402
-from sdwork.recipe import LayerSpec  # noqa: E402
-from sdwork.sensitivity import ProbeSettings, Sensitivity, SensitivityConfig  # noqa: E402
-from sdwork.sweep import SweepConfig, prepare  # noqa: E402
+from sdwork.compress.recipe import LayerSpec  # noqa: E402
+from sdwork.experiments.sensitivity import ProbeSettings, Sensitivity, SensitivityConfig  # noqa: E402
+from sdwork.experiments.experiment import SweepConfig, prepare  # noqa: E402
 
 HELD_OUT = [  # the default sweep's held-out prompts (data/grids/default.yaml)
     "a small green circle on a black background", "a small yellow triangle on a white background",
@@ -101,7 +101,7 @@ def main():
 
 
 def report_only(out: Path) -> None:
-    from sdwork.sweep import load_results
+    from sdwork.experiments.experiment import load_results
 
     results = load_results(out)
     if results.empty:

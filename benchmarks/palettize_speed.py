@@ -84,7 +84,8 @@ def eligible(unet, group: int):
 
 def run_sdwork(unet, nbits, group, layers):
     import numpy as np
-    from sdwork import kmeans1d
+    from sdwork.compress import kmeans1d
+    from sdwork.coreml.lut import lut_to_dense
 
     weights = [(n, m.weight.detach().half().numpy()) for n, m in eligible(unet, group)]
     del unet
@@ -94,7 +95,7 @@ def run_sdwork(unet, nbits, group, layers):
         t, c = time.perf_counter(), _cpu_seconds()
         lut, idx = kmeans1d.palettize_weight(w, nbits, "per_grouped_channel", group)
         dt, dc = time.perf_counter() - t, _cpu_seconds() - c
-        rows.append(_row(name, w, kmeans1d.decompress(lut, idx), dt, dc))
+        rows.append(_row(name, w, lut_to_dense(lut, idx), dt, dc))
     return rows
 
 
@@ -211,8 +212,8 @@ def report(nbits, group, results, layers):
 
 def end_to_end(package: Path, nbits: int, group: int) -> dict:
     """One recipe through sdwork.compress on a converted package, in this process (peak RSS reset first)."""
-    from sdwork.compress import compress, uncompressed_layers
-    from sdwork.recipe import Recipe
+    from sdwork.compress.apply import compress, uncompressed_layers
+    from sdwork.compress.recipe import Recipe
 
     try:
         Path("/proc/self/clear_refs").write_text("5")  # Linux: restart the peak-RSS count here

@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from sdwork.metrics import ClipScorer  # noqa: E402
-from sdwork.pipeline import load_pipeline  # noqa: E402
+from sdwork.evaluate.metrics import ClipScorer  # noqa: E402
+from sdwork.load import load_pipeline  # noqa: E402
 from sdwork.tiny import quality  # noqa: E402
 
 TARGETS = dict(scorer_ranking=0.95, pixel_colour=0.90, pixel_shape=0.80, clip_colour=0.90, clip_shape=0.80)

@@ -7,8 +7,6 @@ thread count changes the last bits of the result, so it is pinned and recorded.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,12 +14,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sdwork.pipeline import ROOT, round_weights_to_fp16, weights_hash
+from sdwork import paths, validate
+from sdwork.io import digest, json_default
+from sdwork.weights import round_weights_to_fp16, weights_hash
 
-BASELINES = ROOT / "runs" / "baselines"
 # One thread: the tiny UNet's ops are too small to gain from two, and on a busy 2-core machine
 # two OpenMP threads wait on each other at every op (measured 50-80x slower under load).
 DEFAULT_THREADS = 1
+_EXAMPLE_PROMPTS = "['a small red circle on a gray background']"
 
 
 @contextlib.contextmanager
@@ -37,6 +37,8 @@ def torch_threads(n: int):
 
 @dataclass(frozen=True)
 class GenSettings:
+    """What a set of images depends on besides the model: prompts x seeds and the sampler's settings."""
+
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
     steps: int = 20
@@ -47,12 +49,33 @@ class GenSettings:
     negative_prompt: str = field(default="")
 
     def __post_init__(self):
-        if not self.prompts or not self.seeds:
-            raise ValueError("GenSettings needs at least one prompt and one seed")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        object.__setattr__(self, "prompts", tuple(self.prompts))
-        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        prompts = validate.sequence("prompts", self.prompts, lambda w, p: validate.text(w, p, empty=False),
+                                    _EXAMPLE_PROMPTS)
+        seeds = validate.sequence("seeds", self.seeds, lambda w, s: validate.integer(w, s, lo=0), "[0, 1]")
+        object.__setattr__(self, "prompts", validate.unique("prompts", prompts))
+        object.__setattr__(self, "seeds", validate.unique("seeds", seeds))
+        validate.integer("steps", self.steps, lo=1, hi=1000)
+        object.__setattr__(self, "guidance", validate.real("guidance", self.guidance, lo=0.0))
+        for side in ("height", "width"):
+            v = getattr(self, side)
+            if v is not None and validate.integer(side, v, lo=8) % 8:
+                raise validate.ConfigError(f"{side}={v} is not a multiple of 8 (the VAE's scale); use None for the "
+                                           "model's native size or a multiple of 8")
+        validate.integer("threads", self.threads, lo=1, hi=1024)
+        validate.text("negative_prompt", self.negative_prompt)
+
+    @classmethod
+    def from_dict(cls, d: dict, what: str = "generation settings") -> "GenSettings":
+        """From a grid file's `generation` section or notebook parameters; unknown keys are refused."""
+        d = validate.known_keys(what, d, [f.name for f in cls.__dataclass_fields__.values()])
+        for k in ("prompts", "seeds"):
+            if k not in d:
+                raise validate.ConfigError(f"{what}: '{k}' is missing; give e.g. {k}: "
+                                           f"{_EXAMPLE_PROMPTS if k == 'prompts' else '[0, 1]'}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
     @property
     def pairs(self) -> list[tuple[str, int]]:
@@ -93,31 +116,39 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def baseline_key(pipe, settings: GenSettings) -> str:
-    desc = dict(
+    return digest(dict(
         model=getattr(pipe, "model_spec", "?"),
         weights=weights_hash(pipe),
         scheduler=type(pipe.scheduler).__name__,
         scheduler_config=dict(pipe.scheduler.config),
         torch=torch.__version__,
         **asdict(settings),
-    )
-    return hashlib.sha256(json.dumps(desc, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    ), n=20)
 
 
-def fp16_baseline(pipe, settings: GenSettings, cache_dir: Path | None = BASELINES, progress: bool = True) -> np.ndarray:
-    """Images of the fp16-rounded pipeline, generated once and cached by everything they depend on.
+def fp16_baseline(pipe, settings: GenSettings, cache_dir: Path | None | str = "default",
+                  progress: bool = True) -> np.ndarray:
+    """Images of the fp16-rounded pipeline, generated once and cached (under the sdwork cache,
+    `paths.cache_dir("baselines")`) by everything they depend on; cache_dir=None: no cache.
 
     Rounds `pipe`'s weights to fp16 in place (the baseline every variant is scored against).
     """
     round_weights_to_fp16(pipe)
     if cache_dir is None:
         return generate(pipe, settings, progress)
-    path = Path(cache_dir) / f"{baseline_key(pipe, settings)}.npz"
+    folder = paths.cache_dir("baselines") if cache_dir == "default" else Path(cache_dir)
+    path = folder / f"{baseline_key(pipe, settings)}.npz"
     if path.exists():
         return np.load(path)["images"]
     images = generate(pipe, settings, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, images=images, settings=json.dumps(asdict(settings)))
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, images=images, settings=_settings_json(settings))
     tmp.replace(path)
     return images
+
+
+def _settings_json(settings: GenSettings) -> str:
+    import json
+
+    return json.dumps(asdict(settings), default=json_default)

@@ -20,7 +20,7 @@ matplotlib.use("Agg")  # no display in CI
 
 def tiny_specs() -> tuple[str, str]:
     """(pipeline spec, CLIP spec): the trained embedded model once it is in data/models, else random init."""
-    from sdwork.pipeline import TINY, TINY_CLIP
+    from sdwork.paths import TINY, TINY_CLIP
 
     model = "tiny" if (TINY / "model_index.json").exists() else "tiny-random"
     clip = "tiny" if (TINY_CLIP / "config.json").exists() else "tiny-random"

@@ -12,7 +12,8 @@ from sdwork.convert import (
 )
 from sdwork.convert import components as C
 from sdwork.convert.weightmap import compressible, coreml_fp16
-from sdwork.pipeline import ModelNotFoundError, components, load_pipeline
+from sdwork.load import ModelNotFoundError, load_pipeline
+from sdwork.weights import components
 
 NAMES = {"text_encoder": "TextEncoder", "unet": "Unet", "vae_decoder": "VAEDecoder", "vae_encoder": "VAEEncoder"}
 
@@ -165,7 +166,7 @@ def test_compressed_packages_decompress_exactly(converted, pipe, tmp_path):
     own decompress_weights computes, under the fp16 const names, and the weights load into torch."""
     import coremltools.optimize.coreml as cto
 
-    from sdwork.convert.package_io import open_package
+    from sdwork.coreml.package import open_package
 
     variants = {
         ("vae_decoder", "lut4_g16"): lambda m: cto.palettize_weights(m, cto.OptimizationConfig(cto.OpPalettizerConfig(

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from sdwork import distill, dkm
-from sdwork.pipeline import load_pipeline
+from sdwork.experiments import distill, dkm
+from sdwork.load import load_pipeline
 
 # Only the 4 largest UNet layers (1.1 M weights) are palettized, so a run takes seconds.
 SMALL = dict(weight_threshold=200_000, batch=2, kmeans_n_init=1, threads=1)
@@ -177,7 +177,7 @@ def test_dataset_objective_trains(pipe, tmp_path):
 
 # ---------------------------------------------------------------- Core ML
 def test_package_holds_lut_ops_with_the_expected_size(pipe, trained, tmp_path):
-    from sdwork.sizes import expected_lut_bytes, package_sizes
+    from sdwork.coreml.sizes import expected_lut_bytes, package_sizes
 
     s, run, _ = trained
     pkg = dkm.convert(pipe, run.unet, tmp_path, s, progress=False)

@@ -10,14 +10,14 @@ import pytest
 
 import sdwork.generate as sg
 from sdwork.generate import GenSettings, baseline_key, fp16_baseline, generate
-from sdwork.pipeline import load_pipeline
+from sdwork.load import load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = GenSettings(prompts=("a small red circle on a gray background",), seeds=(0, 1), steps=2, guidance=5.0)
 CHILD = """
 import sys, numpy as np
 from sdwork.generate import GenSettings, generate
-from sdwork.pipeline import load_pipeline
+from sdwork.load import load_pipeline
 s = GenSettings(prompts=("a small red circle on a gray background",), seeds=(0, 1), steps=2, guidance=5.0)
 np.save(sys.argv[1], generate(load_pipeline("tiny-random", progress=False), s, progress=False))
 """

@@ -4,7 +4,8 @@ import itertools
 import numpy as np
 import pytest
 
-from sdwork import kmeans1d
+from sdwork.compress import kmeans1d
+from sdwork.coreml.lut import lut_to_dense
 
 pytest.importorskip("numba")
 
@@ -87,7 +88,7 @@ def test_never_worse_than_coremltools(nbits):
 def test_exact_when_few_distinct_values():
     w = np.repeat(np.array([-1.5, -0.25, 0.0, 0.125, 3.0], np.float16), 7).reshape(5, 7)
     lut, idx = kmeans1d.palettize_weight(w, 3)
-    assert np.array_equal(kmeans1d.decompress(lut, idx), w)
+    assert np.array_equal(lut_to_dense(lut, idx), w)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -102,7 +103,7 @@ def test_layout_matches_coremltools(dtype):
         ref = ct_pass.grouped_channelwise_compress(w, "KMEANS", 2, axis, 4)
         assert lut.shape == ref.lut.shape and lut.dtype == ref.lut.dtype == dtype
         assert idx.shape == ref.indices.shape == w.shape and idx.dtype == np.uint8
-        dense = kmeans1d.decompress(lut, idx)
+        dense = lut_to_dense(lut, idx)
         from coremltools.optimize import _utils as ct_utils
 
         assert np.array_equal(dense, ct_utils.lut_to_dense(idx, lut, None))  # coremltools' own decoding

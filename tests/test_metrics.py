@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from sdwork.metrics import ClipScorer, expand_prompts, psnr, score_images, ssim
+from sdwork.evaluate.metrics import ClipScorer, expand_prompts, psnr, score_images, ssim
 
 
 def _images(n=2, size=16, seed=0):
@@ -114,8 +114,8 @@ def test_clip_loads_from_a_saved_folder(scorer, tmp_path):
 
 
 def test_clip_errors_name_the_fix(tmp_path, monkeypatch):
-    import sdwork.metrics as m
-    from sdwork.pipeline import ModelNotFoundError
+    import sdwork.evaluate.metrics as m
+    from sdwork.load import ModelNotFoundError
 
     monkeypatch.setattr(m, "TINY_CLIP", tmp_path / "missing")
     with pytest.raises(ModelNotFoundError, match="sdwork.tiny.train"):

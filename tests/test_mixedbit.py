@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sdwork import mixedbit as mb
-from sdwork.recipe import LayerSpec, Recipe
-from sdwork.sensitivity import FP16, Layer, candidate_name
+from sdwork.experiments import mixedbit as mb
+from sdwork.compress.recipe import LayerSpec, Recipe
+from sdwork.experiments.sensitivity import FP16, Layer, candidate_name
 
 BITS = (2, 3, 4, 6, 8)
 
@@ -230,10 +230,10 @@ def test_layer_options_validates():
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from sdwork import sensitivity as S
+    from sdwork.experiments import sensitivity as S
     from sdwork.convert import load_weight_map
-    from sdwork.pipeline import weights_hash
-    from sdwork.sweep import GENERATION_COMPONENTS, _fp16_packages
+    from sdwork.weights import weights_hash
+    from sdwork.experiments.experiment import GENERATION_COMPONENTS, _fp16_packages
 
     folder = tmp_path_factory.mktemp("mixed")
     probe = S.ProbeSettings(prompts=S.DEFAULT_PROMPTS[:1], seeds=(0,), steps=1)
@@ -255,8 +255,8 @@ def test_recipe_package_matches_prediction_to_the_byte_and_bit(converted):
     drift is exactly the drift measured in torch."""
     import copy
 
-    from sdwork import sensitivity as S
-    from sdwork.compress import compress
+    from sdwork.experiments import sensitivity as S
+    from sdwork.compress.apply import compress
     from sdwork.convert import load_packages_into_pipeline, load_weight_map, package_weights
 
     sens, table, pkg, consts, folder = converted

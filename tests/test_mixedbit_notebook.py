@@ -3,7 +3,7 @@ import pandas as pd
 from conftest import tiny_specs
 from nbrun import run_notebook
 
-from sdwork.sweep import load_results
+from sdwork.experiments.experiment import load_results
 
 
 def test_mixed_bit_notebook(tmp_path):

@@ -7,8 +7,9 @@ pytest.importorskip("numba")
 ct = pytest.importorskip("coremltools")
 import coremltools.optimize.coreml as cto  # noqa: E402
 
-from sdwork import kmeans1d  # noqa: E402
-from sdwork.palettize_fast import palettize_mlmodel, palettize_mlmodel_with_report, read_luts  # noqa: E402
+from sdwork.compress import kmeans1d  # noqa: E402
+from sdwork.coreml.lut import lut_to_dense
+from sdwork.compress.palettize_fast import palettize_mlmodel, palettize_mlmodel_with_report, read_luts  # noqa: E402
 
 
 class Small(torch.nn.Module):
@@ -68,7 +69,7 @@ def test_same_form_as_coremltools_and_never_worse(small_model):
     for name in a:
         assert a[name][0].shape == b[name][0].shape and a[name][1].shape == b[name][1].shape
         w = originals[name].astype(np.float64)
-        err = [np.square(kmeans1d.decompress(*x).astype(np.float64) - w).sum() for x in (a[name], b[name])]
+        err = [np.square(lut_to_dense(*x).astype(np.float64) - w).sum() for x in (a[name], b[name])]
         assert err[0] <= err[1] * (1 + 1e-9), (name, err)
 
 

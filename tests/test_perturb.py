@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from sdwork.grid import image_grid
-from sdwork.perturb import perturbed_copy, round_linear
-from sdwork.pipeline import load_pipeline, weights_hash
+from sdwork.report.images import image_grid
+from sdwork.compress.perturb import perturbed_copy, round_linear
+from sdwork.load import load_pipeline
+from sdwork.weights import weights_hash
 
 
 def test_round_linear_levels_and_error():

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import sdwork.pipeline as sp
-from sdwork.pipeline import ModelNotFoundError, load_pipeline, round_weights_to_fp16, weights_hash
+from sdwork.load import ModelNotFoundError, load_pipeline
+from sdwork.weights import round_weights_to_fp16, weights_hash
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from sdwork.recipe import Recipe, grid
-from sdwork.sweep import expand_grid, load_config
+from sdwork.compress.recipe import Recipe, grid
+from sdwork.experiments.experiment import expand_grid, load_config
 
 GRIDS = Path(__file__).resolve().parents[1] / "data" / "grids"
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from sdwork import sensitivity as S
-from sdwork.pipeline import weights_hash
-from sdwork.recipe import LayerSpec
-from sdwork.sizes import expected_lut_bytes
+from sdwork.coreml.lut import lut_to_dense
+from sdwork.experiments import sensitivity as S
+from sdwork.weights import weights_hash
+from sdwork.compress.recipe import LayerSpec
+from sdwork.coreml.sizes import expected_lut_bytes
 
 PROBE = S.ProbeSettings(prompts=S.DEFAULT_PROMPTS[:1], seeds=(0, 1), steps=2)
 
@@ -63,7 +64,7 @@ def test_lut_lookup_matches_coremltools():
     w = rng.standard_normal((32, 8, 3, 3)).astype(np.float16)
     for group in (0, 8):
         p = palettize_weights.grouped_channelwise_compress(w, "KMEANS", 3, 0, group)
-        assert np.array_equal(S.lut_lookup(p.indices, p.lut), U.lut_to_dense(p.indices, p.lut, None))
+        assert np.array_equal(lut_to_dense(p.lut, p.indices), U.lut_to_dense(p.indices, p.lut, None))
 
 
 def test_palettize_dense_is_exact_kmeans_per_group():
@@ -171,6 +172,6 @@ def test_bad_settings_are_named():
 
 
 def _tiny():
-    from sdwork.pipeline import load_pipeline
+    from sdwork.load import load_pipeline
 
     return load_pipeline("tiny-random", progress=False)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from sdwork.compress import compress, summarise_uncompressed, uncompressed_layers
-from sdwork.recipe import Recipe
-from sdwork.sizes import SizeAccountingError, WEIGHTS, expected_lut_bytes, package_sizes
+from sdwork.compress.apply import compress, summarise_uncompressed, uncompressed_layers
+from sdwork.compress.recipe import Recipe
+from sdwork.coreml.sizes import SizeAccountingError, WEIGHTS, expected_lut_bytes, package_sizes
 
 
 class Small(torch.nn.Module):

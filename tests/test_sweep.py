@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 
 from sdwork import sweep
-from sdwork.compress import EngineUnavailableError, compress, uncompressed_layers
-from sdwork.evaluate import evaluate, layer_errors
-from sdwork.recipe import Recipe
-from sdwork.sizes import WEIGHTS, package_sizes
+from sdwork.compress.apply import EngineUnavailableError, compress, uncompressed_layers
+from sdwork.evaluate.variant import evaluate, layer_errors
+from sdwork.compress.recipe import Recipe
+from sdwork.coreml.sizes import WEIGHTS, package_sizes
 
 GRID = dict(
     model="tiny-random", engine="coremltools", components=["text_encoder"], scorer="tiny-random",
@@ -146,7 +146,7 @@ def _assert_mask_kept_dense(uncompressed: list[dict], sizes) -> None:
 
 
 def test_pareto_front():
-    from sdwork.plots import pareto_front
+    from sdwork.report.plots import pareto_front
 
     df = pd.DataFrame(dict(size_bytes=[1, 2, 3, 3, 4], psnr=[10, 20, 15, 30, 30]))
     assert list(pareto_front(df)) == [True, True, False, True, False]
@@ -155,7 +155,7 @@ def test_pareto_front():
 def test_engines(ctx, tmp_path):
     r = Recipe(nbits=4, components=("text_encoder",), engine="sdwork")
     try:
-        from sdwork.palettize_fast import palettize_mlmodel  # noqa: F401
+        from sdwork.compress.palettize_fast import palettize_mlmodel  # noqa: F401
     except ImportError:
         with pytest.raises(EngineUnavailableError, match="engine='coremltools'"):
             compress(r, ctx.fp16_packages, tmp_path, progress=False)

@@ -1,8 +1,11 @@
 """The embedded model's dataset, tokenizer, pixel judge and training script."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
+from sdwork import hooks
 from sdwork.tiny import dataset, judge, models, quality, tokenizer, train
 
 
@@ -43,6 +46,7 @@ def test_tokenizer_keeps_every_word_whole(tmp_path):
     assert "".join(toks[1:-1]).replace("</w>", "") == "zebra!"
 
 
+@pytest.mark.slow
 def test_pixel_judge_reads_every_dataset_image_right():
     images, captions = dataset.make_dataset(dataset.all_combinations(), 3, seed=11)
     acc = judge.accuracy(images, [dataset.parse_caption(c) for c in captions])
@@ -70,11 +74,12 @@ def test_judge_templates_reproduce_the_renderers_shapes():
             assert errors[shape] < 0.1 * min(others), (shape, size, errors)
 
 
+@pytest.mark.slow
 def test_pixel_judge_is_even_handed_on_damaged_decoder_output():
     """VAE round trips with noise in the latents, of images whose shape is known: blurred, rounded
     and dented the way generated images are. The judge must read every shape about as well; the
     earlier fill-ratio rule read only 18-25% of these squares as squares."""
-    from sdwork.pipeline import load_pipeline
+    from sdwork.load import load_pipeline
 
     torch.set_num_threads(1)
     vae = load_pipeline("tiny", progress=False).vae.eval()
@@ -103,42 +108,93 @@ def _flat(state: dict) -> dict:
     return {f"{k}.{j}": w for k, v in state.items() for j, w in v.items()}
 
 
+def _crash_after_checkpoint(stage: str, at_step: int):
+    """While active, training of `stage` stops (as on Ctrl-C) right after its checkpoint at `at_step`."""
+    def crash(**point):
+        if point == dict(stage=stage, step=at_step):
+            raise KeyboardInterrupt
+    return hooks.on("checkpoint_saved", crash)
+
+
+def _cli(work, out, cfg, stages="vae,vae_decoder,unet,clip,save"):
+    return (["--stages", stages, "--work", str(work), "--out", str(out), "--no-progress", "--threads", "1"]
+            + [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()])
+
+
 @pytest.mark.parametrize("stage", ["vae", "clip", "unet"])
-def test_training_resumes_bit_identically(tmp_path, monkeypatch, stage):
+def test_training_resumes_bit_identically(tmp_path, stage):
     torch.set_num_threads(1)
     cfg = dict(SMALL, clip_unnamed_bg_per_shape=2, clip_unnamed_bg_weight=1.0)
-    fn = {"vae": train.train_vae, "clip": train.train_clip, "unet": train.train_unet}[stage]
+    fn = train.STAGES[stage]
     _prerequisites(stage, cfg, tmp_path / "a")
     fn(dict(cfg), tmp_path / "a", progress=False)
     ref = torch.load(tmp_path / "a" / f"{stage}_final.pt", weights_only=True)
 
     _prerequisites(stage, cfg, tmp_path / "b")
-    real_loop = train._loop
-
-    def crash_after_first_checkpoint(name, steps, start, progress, step_fn, ckpt_fn, every):
-        def step_or_crash(step):
-            if step == 3:
-                raise KeyboardInterrupt
-            return step_fn(step)
-        return real_loop(name, steps, start, progress, step_or_crash, ckpt_fn, every)
-
-    monkeypatch.setattr(train, "_loop", crash_after_first_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with _crash_after_checkpoint(stage, 2), pytest.raises(KeyboardInterrupt):
         fn(dict(cfg), tmp_path / "b", progress=False)
     assert torch.load(tmp_path / "b" / f"{stage}.ckpt", weights_only=True)["step"] == 2
-    monkeypatch.setattr(train, "_loop", real_loop)
+    assert not (tmp_path / "b" / f"{stage}_final.pt").exists()
     fn(dict(cfg), tmp_path / "b", progress=False)
     got = torch.load(tmp_path / "b" / f"{stage}_final.pt", weights_only=True)
     ref, got = _flat(ref), _flat(got)
     assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_training_writes_a_loadable_pipeline_and_scorer(tmp_path):
-    from sdwork.pipeline import load_pipeline
+def test_a_changed_setting_is_refused_for_a_partial_or_finished_stage(tmp_path):
+    torch.set_num_threads(1)
+    work = tmp_path / "work"
+    work.mkdir()
+    with _crash_after_checkpoint("vae", 2), pytest.raises(KeyboardInterrupt):
+        train.train_vae(dict(SMALL), work, progress=False)
+    partial = (work / "vae.ckpt").read_bytes()
+    with pytest.raises(train.StageMismatchError, match="vae: vae_lr was 0.001, now 0.002") as e:
+        train.train_vae(dict(SMALL, vae_lr=2e-3), work, progress=False)
+    assert "new --work folder" in str(e.value) and "vae.ckpt" in str(e.value)
+    assert (work / "vae.ckpt").read_bytes() == partial  # refused before any work
 
-    out = tmp_path / "models"
-    train.main(["--work", str(tmp_path / "work"), "--out", str(out), "--no-progress", "--threads", "1"]
-               + [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()])
+    train.train_vae(dict(SMALL), work, progress=False)  # the same settings resume
+    with pytest.raises(train.StageMismatchError) as e:
+        train.train_vae(dict(SMALL, per_combo=2), work, progress=False)
+    assert e.value.stages == {"train_images": ["per_combo was 1, now 2"], "vae": ["train_images.per_combo was 1, now 2"]}
+
+    (work / "vae.settings.json").unlink()  # as left by a version that kept no stamps
+    with pytest.raises(train.StageMismatchError, match="vae: no settings recorded"):
+        train.train_vae(dict(SMALL), work, progress=False)
+
+
+def test_a_retrained_upstream_stage_is_refused_downstream(tmp_path):
+    torch.set_num_threads(1)
+    work, new = tmp_path / "work", dict(SMALL, vae_lr=2e-3)
+    work.mkdir()
+    train.train_vae(dict(SMALL), work, progress=False)
+    train.train_vae_decoder(dict(SMALL), work, progress=False)
+    for name in ("vae.ckpt", "vae_final.pt"):
+        (work / name).unlink()
+    train.train_vae(dict(new), work, progress=False)  # its files gone, vae alone retrains
+    with pytest.raises(train.StageMismatchError) as e:
+        train.train_vae_decoder(dict(new), work, progress=False)
+    assert e.value.stages == {s: ["vae.vae_lr was 0.001, now 0.002"] for s in ("latents", "vae_decoder")}
+    assert "latents.pt" in str(e.value) and "vae_decoder_final.pt" in str(e.value)
+    # the command line refuses before its first stage: clip would be fine but does not start
+    with pytest.raises(train.StageMismatchError, match="latents: vae.vae_lr"):
+        train.main(_cli(work, tmp_path / "out", new, stages="clip,unet"))
+    assert not list(work.glob("clip*")) and not list(work.glob("unet*"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(work folder, out folder) of one run of the command line, every stage, with SMALL."""
+    tmp = tmp_path_factory.mktemp("trained")
+    train.main(_cli(tmp / "work", tmp / "models", SMALL))
+    return tmp / "work", tmp / "models"
+
+
+@pytest.mark.slow
+def test_training_writes_a_loadable_pipeline_and_scorer(trained):
+    from sdwork.load import load_pipeline
+
+    _, out = trained
     pipe = load_pipeline(out / "tiny-sd", progress=False)
     assert pipe.unet.config.sample_size == 8 and pipe.vae.config.scaling_factor != 1.0
     assert (out / "tiny-sd" / "tokenizer" / "vocab.json").exists()
@@ -146,25 +202,43 @@ def test_training_writes_a_loadable_pipeline_and_scorer(tmp_path):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
 
 
+@pytest.mark.slow
+def test_training_config_is_the_recipe_of_the_stage_stamps(trained):
+    work, out = trained
+    got = json.loads((out / "training_config.json").read_text())
+    assert list(got) == ["train_images", "vae", "latents", "vae_decoder", "unet", "clip"]
+    for stage in ("vae", "vae_decoder", "unet", "clip"):
+        stamp = json.loads((work / f"{stage}.settings.json").read_text())
+        assert {s: got[s] for s in stamp} == stamp
+    assert got["vae"] == dict(seed=0, vae_steps=4, vae_batch=4, vae_lr=1e-3)
+    assert "ckpt_every" not in json.dumps(got)  # checkpointing does not change the weights
+
+
+@pytest.mark.slow
+def test_save_refuses_settings_the_weights_were_not_trained_with(trained):
+    """`--stages save` with another value on the command line: the weights on disk were not
+    trained with it, so save refuses rather than record a recipe that did not happen."""
+    work, out = trained
+    before = (out / "training_config.json").read_text()
+    with pytest.raises(train.StageMismatchError) as e:
+        train.main(_cli(work, out, dict(SMALL, clip_lr=0.5), stages="save"))
+    assert e.value.stages == {"clip": ["clip_lr was 0.001, now 0.5"]}
+    with pytest.raises(train.StageMismatchError) as e:
+        train.main(_cli(work, out, dict(SMALL, vae_lr=0.5), stages="save"))
+    assert set(e.value.stages) == {"vae", "latents", "vae_decoder", "unet"}
+    assert (out / "training_config.json").read_text() == before
+
+
 def test_unknown_stage_is_an_error(tmp_path):
     with pytest.raises(SystemExit):
         train.main(["--stages", "vae,teleport", "--work", str(tmp_path)])
 
 
-def test_partial_captions_name_only_kept_attributes():
+def test_partial_caption_names_only_kept_attributes():
     a = dataset.Attrs("small", "green", "circle", "black")
-    assert train.partial_caption(a, np.array([True] * 4)) == a.caption
-    assert train.partial_caption(a, np.array([False, True, False, False])) == "a green shape"
-    assert train.partial_caption(a, np.array([True, False, True, True])) == "a small circle on a black background"
-    texts, keep = train._partial_captions([a] * 50, np.random.default_rng(0))
-    assert keep.any(1).all() and len(set(texts)) > 5
-
-
-def test_multi_positive_loss_rewards_mass_on_positives():
-    pos = torch.tensor([[True, True, False], [False, False, True], [False, False, True]])
-    good = torch.where(pos, 10.0, -10.0)
-    assert train._multi_positive_loss(good, pos) < 1e-3
-    assert train._multi_positive_loss(-good, pos) > 5
+    assert dataset.partial_caption(a, np.array([True] * 4)) == a.caption
+    assert dataset.partial_caption(a, np.array([False, True, False, False])) == "a green shape"
+    assert dataset.partial_caption(a, np.array([True, False, True, True])) == "a small circle on a black background"
 
 
 def test_unnamed_background_set_names_no_background_and_no_held_out_combination():

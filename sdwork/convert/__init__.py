@@ -4,18 +4,16 @@
     load_weight_map(paths["unet"])                             # {torch parameter: const name}
     package_weights(paths["unet"])                             # {const name: exact (decompressed) values}
     load_packages_into_pipeline(pipe, paths)                   # run a package's weights in PyTorch
-    parity_report(pipe, paths)                                 # weights and outputs vs the fp16 source
 """
 from sdwork.convert.components import COMPONENTS, SPECS
 from sdwork.convert.export import convert_component, convert_pipeline
-from sdwork.convert.load import PackageMismatchError, load_packages_into_pipeline
-from sdwork.convert.package_io import PackageError, package_size, package_weights
-from sdwork.convert.parity import parity_report
-from sdwork.convert.tables import io_table, package_table
+from sdwork.convert.into_torch import PackageMismatchError, load_packages_into_pipeline
+from sdwork.coreml.package import PackageError, package_size, package_weights
+from sdwork.coreml.tables import io_table, package_table
 from sdwork.convert.weightmap import WeightMapError, load_weight_map, read_weight_map
 
 __all__ = [
     "COMPONENTS", "SPECS", "convert_component", "convert_pipeline", "load_packages_into_pipeline",
-    "PackageError", "PackageMismatchError", "package_size", "package_weights", "parity_report",
+    "PackageError", "PackageMismatchError", "package_size", "package_weights",
     "io_table", "package_table", "WeightMapError", "load_weight_map", "read_weight_map",
 ]

@@ -16,19 +16,23 @@ import torch
 from tqdm.auto import tqdm
 
 from sdwork.convert import components as C
-from sdwork.convert.package_io import package_weights, set_metadata
+from sdwork.coreml.package import package_weights, set_metadata
 from sdwork.convert.tokenizer_files import write_tokenizer_files
 from sdwork.convert.weightmap import build_weight_map, sidecar
 from sdwork.quiet import coremltools_progress
+from sdwork.weights import fp16_hash
 
-FORMAT_VERSION = "1"
+# Bump when a package's layout or metadata changes: cached fp16 packages are keyed by it.
+FORMAT_VERSION = "2"
 
 
 def convert_pipeline(pipe, out_dir, components=C.COMPONENTS, target: str = "iOS18", unet_batch: int = 2,
-                     progress: bool = True) -> dict[str, Path]:
+                     progress: bool = True, source=None) -> dict[str, Path]:
     """Convert the pipeline's components to <out_dir>/<Name>.mlpackage (+ weight maps, tokenizer files).
 
     Returns {component: package path}; the tokenizer files are written when the pipeline has one.
+    `source` (another pipeline) names the model the packages derive from when `pipe` holds weights
+    changed from it (palettized in torch, DKM): the packages are then evaluated against `source`.
     """
     components = C.check_components(components)
     _check_target(target)
@@ -38,12 +42,13 @@ def convert_pipeline(pipe, out_dir, components=C.COMPONENTS, target: str = "iOS1
         write_tokenizer_files(pipe.tokenizer, out_dir)
     paths = {}
     for comp in tqdm(components, desc="convert", disable=not progress):
-        paths[comp] = convert_component(pipe, comp, out_dir, target=target, unet_batch=unet_batch, progress=progress)
+        paths[comp] = convert_component(pipe, comp, out_dir, target=target, unet_batch=unet_batch,
+                                        progress=progress, source=source)
     return paths
 
 
 def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet_batch: int = 2,
-                      progress: bool = True) -> Path:
+                      progress: bool = True, source=None) -> Path:
     """Export, convert, verify the weight map and save one component; returns the package path."""
     sp = C.spec(component)
     _check_target(target)
@@ -62,7 +67,7 @@ def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet
     set_metadata(mlmodel, {
         "format": FORMAT_VERSION,
         "component": component,
-        "model": str(getattr(pipe, "model_spec", getattr(pipe, "name_or_path", "?"))),
+        **identity(source if source is not None else pipe, component),
         "target": target,
         "shapes": json.dumps(shapes.__dict__),
         "weightmap": wm.to_json(indent=None),
@@ -71,6 +76,16 @@ def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet
     _save(mlmodel, path)
     sidecar(path).write_text(wm.to_json())
     return path
+
+
+def identity(pipe, component: str) -> dict[str, str]:
+    """The metadata that ties a package to the model it was converted from: the model's name and
+    the fp16 hash of the weights the package holds (checked when a package is evaluated)."""
+    return {"model": model_name(pipe), "source_weights": fp16_hash(C.owned_parameters(pipe, component))}
+
+
+def model_name(pipe) -> str:
+    return str(getattr(pipe, "model_spec", getattr(pipe, "name_or_path", "?")))
 
 
 # ------------------------------------------------------------------ steps

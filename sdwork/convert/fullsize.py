@@ -10,9 +10,9 @@ import json
 
 import torch
 
-from sdwork.pipeline import ROOT
+from sdwork.load import tiny_tokenizer
+from sdwork.paths import CONFIGS
 
-CONFIGS = ROOT / "data" / "configs"
 PARTS = ("text_encoder", "unet", "vae")
 
 
@@ -50,19 +50,12 @@ def random_pipeline(arch: str, parts=PARTS, seed: int = 0, overrides: dict[str, 
     if unknown:
         raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     modules = {p: random_module(arch, p, seed, **overrides.get(p, {})) if p in parts else None for p in PARTS}
-    pipe = StableDiffusionPipeline(**modules, tokenizer=_tiny_tokenizer(), scheduler=_scheduler(), safety_checker=None,
+    pipe = StableDiffusionPipeline(**modules, tokenizer=tiny_tokenizer(), scheduler=_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.model_spec = f"{arch}-random"
     return pipe
 
 
-def _tiny_tokenizer():
-    from sdwork.tiny import dataset, models, tokenizer
-
-    folder = ROOT / "runs" / "tiny-random-tokenizer"  # the same files load_pipeline("tiny-random") builds
-    if not (folder / "vocab.json").exists():
-        tokenizer.build_tokenizer_files(dataset.vocabulary_words(), folder)
-    return tokenizer.load_tokenizer(folder, models.MAX_LENGTH)
 
 
 def _scheduler():

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sdwork.convert.package_io import PackageError, metadata, open_package
+from sdwork.errors import SdworkError
+from sdwork.coreml.package import PackageError, metadata, open_package
 
 WEIGHT_THRESHOLD = 2048  # coremltools' default: weights with more elements are compressed
 SUFFIX = ".weightmap.json"
 
 
-class WeightMapError(ValueError):
+class WeightMapError(SdworkError, ValueError):
     pass
 
 

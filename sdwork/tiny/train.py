@@ -10,7 +10,12 @@ Stages (each seeded, checkpointed under --work and resumable):
         unnamed backgrounds captioned without one (so shape is read from the shape),
         plus a text-only loss tying each caption to its background-free form (so the
         shape word, not the background, steers a caption's embedding)
-  save  diffusers StableDiffusionPipeline + CLIPModel under --out (safetensors)
+  save  diffusers StableDiffusionPipeline + CLIPModel under --out (safetensors), and
+        training_config.json: the settings the weights were trained with
+
+Each stage's output in --work (checkpoint, final weights, caches) is stamped with the settings
+it was made with (<stage>.settings.json, see STAGE_KEYS and CONSUMES); output made with other
+settings than the ones asked for is refused (StageMismatchError), never silently reused.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sdwork import hooks
 from sdwork.tiny import dataset, models, tokenizer
-from sdwork.tiny.dataset import partial_caption
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = ROOT / "data" / "models"
@@ -52,13 +57,121 @@ DEFAULTS = dict(
     clip_steps=1500,
     clip_batch=128,
     clip_lr=1e-3,
-    clip_full_weight=1.0,  # 0.5 (half partial captions) ranked held-out captions worse: 0.79 vs 0.83
-    clip_keep_prob=0.5,
     clip_unnamed_bg_weight=0.5,  # shapes on unnamed backgrounds (see _unnamed_bg_data): held-out ranking 0.83 -> 0.93
     clip_unnamed_bg_per_shape=256,  # 64: 93.3%, 256: 94.2%; 1024: 95.4% but CLIP shape on generated images 75% (see model card)
     clip_text_shape_weight=0.1,  # text-only shape loss (see _text_shape_loss): held-out ranking 94.2 -> 97.9% (seeds 0-2: 97.9 / 97.9 / 90.4)
     ckpt_every=250,
 )
+
+
+# ---------------------------------------------------------------- settings stamps
+# The cfg keys each stage's output depends on (not ckpt_every: a resumed run is bit-identical)...
+STAGE_KEYS = {
+    "train_images": ("seed", "per_combo"),
+    "vae": ("seed", "vae_steps", "vae_batch", "vae_lr"),
+    "latents": ("seed",),
+    "vae_decoder": ("seed", "decoder_steps", "decoder_batch", "decoder_lr"),
+    "unet": ("seed", "unet_steps", "unet_batch", "unet_lr", "uncond_prob", "ema_decay", "min_snr_gamma"),
+    "clip": ("seed", "clip_steps", "clip_batch", "clip_lr",
+             "clip_unnamed_bg_weight", "clip_unnamed_bg_per_shape", "clip_text_shape_weight"),
+}
+# ...and the output it is made from (latents are the encoder's: the decoder stage does not change them)
+CONSUMES = {
+    "train_images": (),
+    "vae": ("train_images",),
+    "latents": ("train_images", "vae"),
+    "vae_decoder": ("train_images", "vae", "latents"),
+    "unet": ("train_images", "latents"),
+    "clip": ("train_images",),
+    "save": ("vae", "vae_decoder", "latents", "unet", "clip"),
+}
+TRAINED = ("vae", "vae_decoder", "unet", "clip")
+OUTPUTS = {"train_images": ("train_images.npz",), "latents": ("latents.pt",),
+           **{s: (f"{s}.ckpt", f"{s}_final.pt") for s in TRAINED}}
+
+
+class StageMismatchError(ValueError):
+    """The work folder holds a stage's output made with other settings than the ones asked for."""
+
+    def __init__(self, message: str, stages: dict[str, list[str]]):
+        super().__init__(message)
+        self.stages = stages  # stage -> its differences, one line each
+
+
+def _inputs(stage: str) -> set[str]:
+    """Every stage whose output `stage` reads, directly or through another."""
+    found = set(CONSUMES[stage])
+    for s in CONSUMES[stage]:
+        found |= _inputs(s)
+    return found
+
+
+def recipe(cfg: dict, stage: str) -> dict:
+    """The stamp of `stage` made with cfg: per stage, the settings of it and of all its inputs."""
+    names = _inputs(stage) | {stage}
+    return {s: {k: cfg[k] for k in keys} for s, keys in STAGE_KEYS.items() if s in names}
+
+
+def _stamp_path(work: Path, stage: str) -> Path:
+    return Path(work) / f"{stage}.settings.json"
+
+
+def write_stamp(cfg: dict, work: Path, stage: str) -> None:
+    path = _stamp_path(work, stage)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(recipe(cfg, stage), indent=2))
+    tmp.replace(path)  # atomic: a stamp is whole or absent
+
+
+def read_stamp(work: Path, stage: str) -> dict | None:
+    path = _stamp_path(work, stage)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _existing_outputs(work: Path, stage: str) -> list[Path]:
+    return [Path(work) / f for f in OUTPUTS[stage] if (Path(work) / f).exists()]
+
+
+def _differences(cfg: dict, work: Path, stage: str) -> list[str]:
+    """How the settings of stage's existing output differ from cfg's, one line each."""
+    if not _existing_outputs(work, stage):
+        return []
+    old = read_stamp(work, stage)
+    if old is None:
+        return ["no settings recorded beside its files (made before stamps were kept)"]
+    new, lines = recipe(cfg, stage), []
+    for s in dict.fromkeys([*old, *new]):
+        for k in dict.fromkeys([*old.get(s, {}), *new.get(s, {})]):
+            was, now = (d.get(s, {}).get(k, "(none)") for d in (old, new))
+            if was != now:
+                lines.append(f"{k if s == stage else s + '.' + k} was {was}, now {now}")
+    return lines
+
+
+def check_stages(cfg: dict, work: Path, stages) -> None:
+    """Refuse output in `work` made with other settings than cfg, for `stages` and all they read."""
+    names = set().union(*(_inputs(s) | {s} for s in stages)) - {"save"}
+    found = {s: d for s in STAGE_KEYS if s in names and (d := _differences(cfg, work, s))}
+    if found:
+        raise StageMismatchError(_mismatch_message(work, found), found)
+
+
+def _mismatch_message(work: Path, found: dict[str, list[str]]) -> str:
+    lines = [f"{work} holds output made with other settings than the ones asked for:"]
+    lines += [f"  {s}: {d}" for s, diffs in found.items() for d in diffs]
+    files = [p.name for s in found for p in _existing_outputs(work, s) + [_stamp_path(work, s)] if p.exists()]
+    lines.append(f"Use a new --work folder, or delete these files to retrain those stages: {', '.join(files)}")
+    return "\n".join(lines)
+
+
+def trained_recipe(work: Path) -> dict:
+    """What the finished weights in `work` were trained with, per stage, from their stamps."""
+    merged = {}
+    for s in TRAINED:
+        if not (Path(work) / f"{s}_final.pt").exists():
+            raise FileNotFoundError(f"stage {s} has not finished in {work}: run it first (--stages {s})")
+        merged.update(read_stamp(work, s))
+    return {s: merged[s] for s in STAGE_KEYS if s in merged}
 
 
 # ---------------------------------------------------------------- utilities
@@ -103,12 +216,14 @@ class Checkpoint:
 
 def train_data(cfg: dict, work: Path) -> tuple[np.ndarray, list[str]]:
     """The training images, rendered once and cached (reproducible from the seed)."""
+    check_stages(cfg, work, ["train_images"])
     cache = work / "train_images.npz"
     if cache.exists():
         z = np.load(cache)
         return z["images"], [str(c) for c in z["captions"]]
     train, _ = dataset.split_combinations()
     images, captions = dataset.make_dataset(train, cfg["per_combo"], seed=cfg["seed"])
+    write_stamp(cfg, work, "train_images")
     np.savez(cache, images=images, captions=np.array(captions))
     return images, captions
 
@@ -144,6 +259,7 @@ def _update(opt, loss: torch.Tensor, clip_params=None) -> float:
 
 
 def _loop(name, steps, start, progress, step_fn, ckpt_fn, every):
+    """Steps start..steps-1, saving a checkpoint every `every` steps and after the last."""
     bar = tqdm(range(start, steps), desc=name, initial=start, total=steps, disable=not progress)
     loss_ema = None
     for step in bar:
@@ -152,19 +268,36 @@ def _loop(name, steps, start, progress, step_fn, ckpt_fn, every):
         bar.set_postfix(loss=f"{loss_ema:.4f}")
         if (step + 1) % every == 0 or step + 1 == steps:
             ckpt_fn(step + 1)
+            hooks.fire("checkpoint_saved", stage=name, step=step + 1)
     return loss_ema
+
+
+def _checkpoint(cfg: dict, work: Path, stage: str, rng: bool = True, **stateful):
+    """The stage's Checkpoint and its save function, which writes the stage's stamp first: a
+    checkpoint on disk always has its settings beside it."""
+    ck = Checkpoint(work / f"{stage}.ckpt", rng=rng, **stateful)
+
+    def save(step):
+        write_stamp(cfg, work, stage)
+        ck.save(step)
+    return ck, save
+
+
+def _finish(cfg: dict, work: Path, stage: str, state: dict) -> None:
+    write_stamp(cfg, work, stage)
+    torch.save(state, work / f"{stage}_final.pt")
 
 
 # ---------------------------------------------------------------- stage: vae
 def train_vae(cfg: dict, work: Path, progress: bool = True):
-    final = work / "vae_final.pt"
-    if final.exists():
+    check_stages(cfg, work, ["vae"])
+    if (work / "vae_final.pt").exists():
         return
     images, _ = train_data(cfg, work)
     torch.manual_seed(cfg["seed"])
     vae = models.build_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg["vae_lr"], weight_decay=0.0)
-    ck = Checkpoint(work / "vae.ckpt", model=vae, opt=opt)
+    ck, save = _checkpoint(cfg, work, "vae", model=vae, opt=opt)
     start = ck.resume()
     order_rng = np.random.default_rng(cfg["seed"] + 1)
     batches = order_rng.integers(0, len(images), size=(cfg["vae_steps"], cfg["vae_batch"]))
@@ -176,8 +309,8 @@ def train_vae(cfg: dict, work: Path, progress: bool = True):
         recon = vae.decode(post.sample()).sample
         return _update(opt, F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean())
 
-    _loop("vae", cfg["vae_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
-    torch.save(vae.state_dict(), final)
+    _loop("vae", cfg["vae_steps"], start, progress, step_fn, save, cfg["ckpt_every"])
+    _finish(cfg, work, "vae", vae.state_dict())
 
 
 def load_vae(work: Path, decoder: bool = True):
@@ -194,8 +327,8 @@ def load_vae(work: Path, decoder: bool = True):
 def train_vae_decoder(cfg: dict, work: Path, progress: bool = True):
     """Sharpen the decoder with the encoder frozen (as SD's ft-MSE VAE): latents, and so
     the UNet trained on them, stay valid."""
-    final = work / "vae_decoder_final.pt"
-    if final.exists():
+    check_stages(cfg, work, ["vae_decoder"])
+    if (work / "vae_decoder_final.pt").exists():
         return
     images, _ = train_data(cfg, work)
     lat = cache_latents(cfg, work)
@@ -203,7 +336,7 @@ def train_vae_decoder(cfg: dict, work: Path, progress: bool = True):
     vae = load_vae(work, decoder=False).train()
     params = list(vae.post_quant_conv.parameters()) + list(vae.decoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["decoder_lr"], weight_decay=0.0)
-    ck = Checkpoint(work / "vae_decoder.ckpt", model=vae, opt=opt)
+    ck, save = _checkpoint(cfg, work, "vae_decoder", model=vae, opt=opt)
     start = ck.resume()
     order_rng = np.random.default_rng(cfg["seed"] + 5)
     batches = order_rng.integers(0, len(images), size=(cfg["decoder_steps"], cfg["decoder_batch"]))
@@ -216,14 +349,15 @@ def train_vae_decoder(cfg: dict, work: Path, progress: bool = True):
         recon = vae.decode(z).sample
         return _update(opt, F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x))
 
-    _loop("vae_decoder", cfg["decoder_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
+    _loop("vae_decoder", cfg["decoder_steps"], start, progress, step_fn, save, cfg["ckpt_every"])
     dec = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    torch.save(dec, final)
+    _finish(cfg, work, "vae_decoder", dec)
 
 
 @torch.no_grad()
 def cache_latents(cfg: dict, work: Path) -> dict:
     """Posterior mean and std of every training image, plus SD's scaling factor."""
+    check_stages(cfg, work, ["latents"])
     path = work / "latents.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
@@ -238,6 +372,7 @@ def cache_latents(cfg: dict, work: Path) -> dict:
     g = torch.Generator().manual_seed(cfg["seed"])
     sample = mean + std * torch.randn(mean.shape, generator=g)
     out = dict(mean=mean, std=std, scaling_factor=float(1.0 / sample.std()))
+    write_stamp(cfg, work, "latents")
     torch.save(out, path)
     return out
 
@@ -249,8 +384,8 @@ def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float) ->
 
 
 def train_unet(cfg: dict, work: Path, progress: bool = True):
-    final = work / "unet_final.pt"
-    if final.exists():
+    check_stages(cfg, work, ["unet"])
+    if (work / "unet_final.pt").exists():
         return
     from diffusers import DDPMScheduler
 
@@ -265,7 +400,7 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=cfg["unet_lr"], weight_decay=1e-2)
-    ck = Checkpoint(work / "unet.ckpt", unet=unet, text=text, ema_unet=ema_unet, ema_text=ema_text, opt=opt)
+    ck, save = _checkpoint(cfg, work, "unet", unet=unet, text=text, ema_unet=ema_unet, ema_text=ema_text, opt=opt)
     start = ck.resume()
     sched = DDPMScheduler(**models.SCHEDULER_CONFIG)
     acp = sched.alphas_cumprod
@@ -292,8 +427,8 @@ def train_unet(cfg: dict, work: Path, progress: bool = True):
                 pe.lerp_(p, 1 - d)
         return per.mean().item()
 
-    _loop("unet", cfg["unet_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
-    torch.save(dict(unet=ema_unet.state_dict(), text=ema_text.state_dict()), final)
+    _loop("unet", cfg["unet_steps"], start, progress, step_fn, save, cfg["ckpt_every"])
+    _finish(cfg, work, "unet", dict(unet=ema_unet.state_dict(), text=ema_text.state_dict()))
 
 
 # ---------------------------------------------------------------- stage: clip
@@ -309,33 +444,6 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def features(out) -> torch.Tensor:
     """Projected CLIP features: transformers 5 wraps them in an output object."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
-
-
-def _partial_captions(attrs: list, rng: np.random.Generator, p: float = 0.5) -> tuple[list[str], np.ndarray]:
-    """Per image a random subset of its attributes (each kept with probability p, at least one)."""
-    keep = rng.random((len(attrs), 4)) < p
-    keep[~keep.any(1), rng.integers(0, 4)] = True
-    return [partial_caption(a, k) for a, k in zip(attrs, keep)], keep
-
-
-def _partial_caption_loss(clip, tok, img, y, attrs, values, cfg, step) -> torch.Tensor:
-    """Partial captions ("a green shape", "a small circle on a gray background"): a caption
-    matches every image that has the attributes it names, meant to teach the text tower to
-    compose words (an option: it did not help, see DEFAULTS)."""
-    batch_attrs = [attrs[int(k)] for k in y]
-    texts, keep = _partial_captions(batch_attrs, np.random.default_rng(cfg["seed"] * 7919 + step), cfg["clip_keep_prob"])
-    vals = np.asarray([values[int(k)] for k in y])
-    same = vals[:, None, :] == vals[None, :, :]  # image i vs caption j's image, per attribute
-    pos = torch.from_numpy((same | ~keep[None, :, :]).all(-1))
-    ptxt = F.normalize(features(clip.get_text_features(input_ids=token_ids(tok, texts))), dim=-1)
-    return _multi_positive_loss(clip.logit_scale.exp() * img @ ptxt.T, pos)
-
-
-def _multi_positive_loss(logits: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """-log of the softmax mass on all positives, rows then columns (CLIP's two directions)."""
-    def one(lg, p):
-        return -(torch.logsumexp(lg.masked_fill(~p, -1e4), 1) - torch.logsumexp(lg, 1)).mean()
-    return 0.5 * (one(logits, pos) + one(logits.T, pos.T))
 
 
 def _unnamed_bg_data(cfg: dict, combos: list, tok) -> dict:
@@ -354,7 +462,7 @@ def _unnamed_bg_data(cfg: dict, combos: list, tok) -> dict:
 def _unnamed_bg_loss(clip, data: dict, step: int, gen: torch.Generator) -> torch.Tensor:
     """Image -> caption cross-entropy over every background-free caption, and caption -> image over the batch."""
     idx = data["order"][step]
-    logits, _ = _logits(clip, _augment(clip_pixels(data["images"][idx]), gen), data["ids"])
+    logits = _logits(clip, _augment(clip_pixels(data["images"][idx]), gen), data["ids"])
     loss_i, loss_t = _contrastive(logits, data["labels"][torch.from_numpy(idx)])
     return 0.5 * (loss_i + loss_t)
 
@@ -386,11 +494,11 @@ def _trim(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return ids[:, : int(is_eos.int().argmax(1).max()) + 1]
 
 
-def _logits(clip, pixels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled cosine logits images x captions, the normalised image embeddings)."""
+def _logits(clip, pixels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Scaled cosine logits, images x captions."""
     img = F.normalize(features(clip.get_image_features(pixel_values=pixels)), dim=-1)
     txt = F.normalize(features(clip.get_text_features(input_ids=ids)), dim=-1)
-    return clip.logit_scale.exp() * img @ txt.T, img
+    return clip.logit_scale.exp() * img @ txt.T
 
 
 def _contrastive(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,15 +519,13 @@ def clip_pixels(images_uint8: np.ndarray) -> torch.Tensor:
 
 
 def train_clip(cfg: dict, work: Path, progress: bool = True):
-    final = work / "clip_final.pt"
-    if final.exists():
+    check_stages(cfg, work, ["clip"])
+    if (work / "clip_final.pt").exists():
         return
     images, captions = train_data(cfg, work)
     tok = get_tokenizer(work)
     train_combos, _ = dataset.split_combinations()
     cand = [c.caption for c in train_combos]
-    attrs = [dataset.parse_caption(c) for c in cand]
-    values = [[getattr(a, n) for n in dataset.ATTRIBUTES] for a in attrs]
     cand_ids = _trim(token_ids(tok, cand), tok.eos_token_id)
     label = {c: i for i, c in enumerate(cand)}
     labels = torch.tensor([label[c] for c in captions])
@@ -427,7 +533,7 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
     clip = models.build_clip(*special_ids(tok))
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg["clip_lr"], weight_decay=1e-2)
     # augmentation draws from per-step generators, not torch's global RNG: no RNG state to keep
-    ck = Checkpoint(work / "clip.ckpt", rng=False, model=clip, opt=opt)
+    ck, save = _checkpoint(cfg, work, "clip", rng=False, model=clip, opt=opt)
     start = ck.resume()
     unnamed = _unnamed_bg_data(cfg, train_combos, tok) if cfg["clip_unnamed_bg_weight"] > 0 else None
     text_shape = _text_shape_data(cand, tok) if cfg["clip_text_shape_weight"] > 0 else None
@@ -438,13 +544,9 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
         _set_lr(opt, lr_at(step, cfg["clip_steps"], cfg["clip_lr"]))
         gen = torch.Generator().manual_seed(cfg["seed"] * 100003 + step)
         idx = torch.from_numpy(batches[step])
-        logits, img = _logits(clip, _augment(clip_pixels(images[idx.numpy()]), gen), cand_ids)
-        y = labels[idx]
-        loss_i, loss_t = _contrastive(logits, y)
-        w = cfg["clip_full_weight"]
+        logits = _logits(clip, _augment(clip_pixels(images[idx.numpy()]), gen), cand_ids)
+        loss_i, loss_t = _contrastive(logits, labels[idx])
         loss = 0.5 * (loss_i + loss_t)
-        if w < 1.0:
-            loss = w * loss + (1 - w) * _partial_caption_loss(clip, tok, img, y, attrs, values, cfg, step)
         if unnamed is not None:
             loss = loss + cfg["clip_unnamed_bg_weight"] * _unnamed_bg_loss(clip, unnamed, step, gen)
         if text_shape is not None:
@@ -454,13 +556,16 @@ def train_clip(cfg: dict, work: Path, progress: bool = True):
             clip.logit_scale.clamp_(0, math.log(100))
         return value
 
-    _loop("clip", cfg["clip_steps"], start, progress, step_fn, ck.save, cfg["ckpt_every"])
-    torch.save(clip.state_dict(), final)
+    _loop("clip", cfg["clip_steps"], start, progress, step_fn, save, cfg["ckpt_every"])
+    _finish(cfg, work, "clip", clip.state_dict())
 
 
 # ---------------------------------------------------------------- stage: save
 def save_models(cfg: dict, work: Path, out: Path):
-    """Write data/models/tiny-sd (a diffusers pipeline) and data/models/tiny-clip."""
+    """Write data/models/tiny-sd (a diffusers pipeline), data/models/tiny-clip and, from the
+    stages' stamps, data/models/training_config.json."""
+    check_stages(cfg, work, ["save"])
+    trained = trained_recipe(work)
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPImageProcessor
 
@@ -491,7 +596,7 @@ def save_models(cfg: dict, work: Path, out: Path):
         do_resize=True, size={"shortest_edge": 64}, do_center_crop=True, crop_size={"height": 64, "width": 64},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3,
     ).save_pretrained(clip_dir)
-    (Path(out) / "training_config.json").write_text(json.dumps(cfg, indent=2))
+    (Path(out) / "training_config.json").write_text(json.dumps(trained, indent=2))
 
 
 def _copy_bpe_files(work: Path, dest: Path):
@@ -521,6 +626,7 @@ def main(argv=None):
     unknown = set(stages) - set(STAGES) - {"save"}
     if unknown:
         p.error(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}, save")
+    check_stages(cfg, a.work, stages)  # before any stage runs
     for s in stages:
         t0 = time.time()
         if s == "save":

@@ -8,8 +8,9 @@ import numpy as np
 import torch
 
 from sdwork.convert import components as C
-from sdwork.convert.package_io import PackageError, metadata, open_package, package_weights
+from sdwork.coreml.package import PackageError, metadata, open_package, package_weights
 from sdwork.convert.weightmap import WeightMap, read_weight_map
+from sdwork.weights import fp16_hash
 
 
 class PackageMismatchError(PackageError):
@@ -28,9 +29,11 @@ def load_packages_into_pipeline(pipe, packages: dict[str, Path]):
 
 
 @torch.no_grad()
-def load_package_into_module(module: torch.nn.Module, component: str, package) -> WeightMap:
+def load_package_into_module(module: torch.nn.Module, component: str, package, same_weights: bool = True) -> WeightMap:
+    """Copy the package's weights into `module`. same_weights: first check the package was converted
+    from these very weights (its metadata's fp16 hash); off only where `module` is a blank copy."""
     mlmodel = open_package(package)
-    wm = check_belongs(module, component, package, mlmodel)
+    wm = check_belongs(module, component, package, mlmodel, same_weights)
     weights = package_weights(mlmodel)
     params = dict(module.named_parameters())
     for name, e in wm.entries.items():
@@ -45,8 +48,9 @@ def load_package_into_module(module: torch.nn.Module, component: str, package) -
     return wm
 
 
-def check_belongs(module: torch.nn.Module, component: str, package, mlmodel=None) -> WeightMap:
-    """The weight map, after checking the package holds `component` of a model with these parameters."""
+def check_belongs(module: torch.nn.Module, component: str, package, mlmodel=None, same_weights: bool = True) -> WeightMap:
+    """The weight map, after checking the package holds `component` of a model with these parameters
+    (and, with same_weights, that it was converted from exactly these weights)."""
     sp = C.spec(component)
     meta = metadata(mlmodel if mlmodel is not None else package)
     if meta.get("component", component) != component:
@@ -68,7 +72,21 @@ def check_belongs(module: torch.nn.Module, component: str, package, mlmodel=None
             f"{package} does not belong to this model's {component} ({detail}): it was converted from "
             f"another model (package model: {meta.get('model', '?')}); convert this pipeline's own packages"
         )
+    if same_weights:
+        _check_source(module, sp, package, meta)
     return wm
+
+
+def _check_source(module: torch.nn.Module, sp, package, meta: dict) -> None:
+    if "source_weights" not in meta:
+        raise PackageMismatchError(f"{package} carries no source identity (converted by an older sdwork): "
+                                   "re-convert it with sdwork.convert.convert_pipeline")
+    own = fp16_hash({n: p for n, p in module.named_parameters() if sp.owns(n)})
+    if meta["source_weights"] != own:
+        raise PackageMismatchError(
+            f"{package} was converted from other weights than this model's {sp.name} (package: model "
+            f"{meta.get('model', '?')!r}, weights {meta['source_weights']}; this model: weights {own}): "
+            "evaluate it with the model it came from, or convert this model's own packages")
 
 
 def _as_tensor(value: np.ndarray, p: torch.Tensor, name: str, package) -> torch.Tensor:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sdwork.pipeline import components
+from sdwork.weights import components
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from coremltools.optimize import _utils as ct_optimize_utils
 from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig
 from coremltools.optimize.coreml._quantization_passes import palettize_weights as _CoremlPalettizePass
 
-from sdwork import kmeans1d
+from sdwork.compress import kmeans1d
 
 NATIVE_MODES = ("KMEANS",)
 DELEGATED_MODES = ("UNIFORM",)  # coremltools' own per-group code: already cheap, identical output

@@ -133,24 +133,6 @@ def cluster_rows(rows: np.ndarray, nbits: int, return_sse: bool = False):
     return (lut, indices, sse) if return_sse else (lut, indices)
 
 
-def decompress(lut: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Dense weight from an iOS18 scalar LUT (vector size 1) and its indices."""
-    lut = np.asarray(lut)
-    indices = np.asarray(indices)
-    if lut.ndim != indices.ndim + 2 or lut.shape[-1] != 1:
-        raise ValueError(f"lut of shape {lut.shape} does not fit indices of shape {indices.shape} (scalar LUTs only)")
-    groups = lut.shape[:-2]
-    if any(s % g for s, g in zip(indices.shape, groups)):
-        raise ValueError(f"lut of shape {lut.shape} does not tile indices of shape {indices.shape}")
-    # which LUT each element reads: its block coordinate along every axis, flattened
-    row = np.zeros([1] * indices.ndim, np.int64)
-    for axis, (s, g) in enumerate(zip(indices.shape, groups)):
-        shape = [1] * indices.ndim
-        shape[axis] = s
-        row = row * g + (np.arange(s) // (s // g)).reshape(shape)
-    return lut.reshape(-1, lut.shape[-2])[row, indices]
-
-
 def check_nbits(nbits) -> int:
     if isinstance(nbits, bool) or not isinstance(nbits, (int, np.integer)) or int(nbits) not in SUPPORTED_NBITS:
         raise ValueError(f"nbits must be one of {SUPPORTED_NBITS} (the index widths Core ML supports), got {nbits!r}")

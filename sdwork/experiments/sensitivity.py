@@ -30,9 +30,12 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from sdwork.evaluate.psnr import latent_psnr, pooled_psnr
 from sdwork.generate import GenSettings, native_size
-from sdwork.recipe import DEFAULT_WEIGHT_THRESHOLD, LayerSpec
-from sdwork.sizes import expected_lut_bytes
+from sdwork.io import append_row, read_rows
+from sdwork.coreml.lut import lut_to_dense
+from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, LayerSpec
+from sdwork.coreml.sizes import expected_lut_bytes
 
 COMPONENTS = ("unet", "text_encoder")
 DEFAULT_PROMPTS = (
@@ -115,28 +118,18 @@ def eligible_layers(module: torch.nn.Module, min_numel: int = DEFAULT_WEIGHT_THR
 # --- palettizing one weight in torch ------------------------------------------------
 
 
-def palettizer_name() -> str:
-    """'sdwork' (fast exact 1-D k-means) when sdwork.kmeans1d is present, else 'coremltools'."""
-    try:
-        from sdwork.kmeans1d import palettize_weight  # noqa: F401
-
-        return "sdwork"
-    except ImportError:
-        return "coremltools"
-
-
 def palettize_dense(w: np.ndarray, spec: LayerSpec, palettizer: str = "auto") -> np.ndarray:
     """`w` palettized as `spec` along output axis 0 and looked up again: fp16, shape of `w`.
 
     The weight is rounded to fp16 first, as the Core ML program stores it.
     """
     w = np.ascontiguousarray(w, dtype=np.float16)
-    palettizer = palettizer_name() if palettizer == "auto" else palettizer
+    palettizer = "sdwork" if palettizer == "auto" else palettizer
     group = 0 if spec.granularity == "per_tensor" else spec.group_size
     if group and w.shape[0] % group:
         raise ValueError(f"{w.shape[0]} output channels are not divisible by group_size {group}")
     if palettizer == "sdwork":
-        from sdwork.kmeans1d import palettize_weight
+        from sdwork.compress.kmeans1d import palettize_weight
 
         kw = dict(group_size=group) if group else {}
         lut, indices = palettize_weight(w, spec.nbits, spec.granularity, channel_axis=0, **kw)
@@ -147,21 +140,9 @@ def palettize_dense(w: np.ndarray, spec: LayerSpec, palettizer: str = "auto") ->
         lut, indices = params.lut, params.indices
     else:
         raise ValueError(f"palettizer must be 'auto', 'sdwork' or 'coremltools', got {palettizer!r}")
-    return lut_lookup(np.asarray(indices), np.asarray(lut)).astype(np.float16)
+    return lut_to_dense(np.asarray(lut), np.asarray(indices).astype(np.intp)).astype(np.float16)
 
 
-def lut_lookup(indices: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """Dense values of an iOS18 constexpr_lut_to_dense (cluster_dim 1): lut (G_0..G_r-1, 2^n, 1),
-    each axis split into G_i equal blocks that share a table. Memory O(numel), unlike coremltools'
-    lut_to_dense, which repeats the whole table for every element."""
-    if lut.ndim != indices.ndim + 2 or lut.shape[-1] != 1:
-        raise ValueError(f"expected a scalar iOS18 LUT of rank {indices.ndim + 2}, got shape {lut.shape}")
-    groups = lut.shape[:-2]
-    block = [d // g for d, g in zip(indices.shape, groups)]
-    grids = np.meshgrid(*[np.arange(d) // b for d, b in zip(indices.shape, block)], indexing="ij", sparse=True)
-    gid = np.ravel_multi_index(grids, groups) if len(groups) else 0
-    table = lut.reshape(-1, lut.shape[-2])
-    return table[np.broadcast_to(gid, indices.shape), indices.astype(np.intp)]
 
 
 # --- the drift probe ----------------------------------------------------------------
@@ -215,15 +196,6 @@ def run_probe(pipe, settings: ProbeSettings) -> ProbeOutput:
     return ProbeOutput(caught["latents"].double().numpy(), images)
 
 
-def latent_psnr(ref: np.ndarray, x: np.ndarray) -> float:
-    """Apple's signal integrity: per image 20 log10(max|ref| / rms(ref - x)), averaged over images."""
-    vals = []
-    for r, t in zip(ref, x):
-        rms = math.sqrt(float(((r - t) ** 2).mean()))
-        vals.append(20 * math.log10((float(np.abs(r).max()) + 1e-5) / (rms + 1e-10)))
-    return float(np.mean(vals))
-
-
 def drift(ref: ProbeOutput, out: ProbeOutput) -> dict:
     """Latent and image drift of a probe output against the reference."""
     lat_mse = float(((ref.latents - out.latents) ** 2).mean())
@@ -231,7 +203,7 @@ def drift(ref: ProbeOutput, out: ProbeOutput) -> dict:
     return dict(
         latent_psnr=latent_psnr(ref.latents, out.latents),
         latent_mse=lat_mse,
-        image_psnr=math.inf if img_mse == 0 else 10 * math.log10(255.0**2 / img_mse),
+        image_psnr=pooled_psnr(img_mse),
         image_mse=img_mse,
     )
 
@@ -263,7 +235,7 @@ class SensitivityConfig:
             self.grouped_nbits = tuple(self.grouped_nbits)
             self.specs = [s for s in self.specs if s.granularity == "per_tensor" or s.nbits in self.grouped_nbits]
         if self.palettizer == "auto":
-            self.palettizer = palettizer_name()
+            self.palettizer = "sdwork"  # exact k-means: the LUTs a package of the same recipe holds
 
 
 class Sensitivity:
@@ -274,7 +246,8 @@ class Sensitivity:
 
     def __init__(self, config: SensitivityConfig, out_dir, pipe=None, progress: bool = True,
                  cache_bytes: int = 1 << 30):
-        from sdwork.pipeline import load_pipeline, round_weights_to_fp16, weights_hash
+        from sdwork.load import load_pipeline
+        from sdwork.weights import round_weights_to_fp16, weights_hash
 
         self.config, self.dir, self.progress = config, Path(out_dir), progress
         self._cache, self._cache_bytes = OrderedDict(), cache_bytes  # palettized weights, least recent first
@@ -461,21 +434,6 @@ def heatmap_table(table: pd.DataFrame, value: str = "latent_psnr") -> pd.DataFra
     order = list(dict.fromkeys(table["layer"]))
     cands = sorted(set(table["candidate"]), key=lambda c: (parse_candidate(c).granularity, parse_candidate(c).nbits))
     return table.pivot(index="layer", columns="candidate", values=value).reindex(index=order, columns=cands)
-
-
-# --- the jsonl files: the sweep's durable append / torn-tail reader -----------------
-
-
-def append_row(path, row: dict) -> None:
-    from sdwork.sweep import append_row as _append
-
-    _append(path, row)
-
-
-def read_rows(path) -> list[dict]:
-    from sdwork.sweep import read_rows as _read
-
-    return _read(path)
 
 
 # --- plots ----------------------------------------------------------------------------

@@ -16,10 +16,14 @@ it at every sampling step.
 """
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from sdwork.io import digest
 
 TINY_SPECS = ("tiny", "tiny-random")
 
@@ -87,6 +91,11 @@ class DistillData:
         self.shape = (c.in_channels, c.sample_size, c.sample_size)
         self.batch_size, self.seed, self.uncond_prob = batch, seed, uncond_prob
 
+    def describe(self) -> dict:
+        """What the batches depend on (a DKM run folder is keyed by it)."""
+        return dict(kind="distill", prompts=self.prompts, batch=self.batch_size, seed=self.seed,
+                    uncond_prob=self.uncond_prob)
+
     def batch(self, step: int) -> Batch:
         g = _generator(self.seed, step)
         b = self.batch_size
@@ -116,6 +125,13 @@ class DatasetData:
         self.uncond = prompt_embeddings(pipe, [""])[0]
         self.scheduler = _train_scheduler(pipe)
         self.batch_size, self.seed, self.uncond_prob = batch, seed, uncond_prob
+        self._data_hash = digest(dict(images=hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+                                      captions=list(captions)))
+
+    def describe(self) -> dict:
+        """What the batches depend on (a DKM run folder is keyed by it): the images and captions by hash."""
+        return dict(kind="dataset", data=self._data_hash, batch=self.batch_size, seed=self.seed,
+                    uncond_prob=self.uncond_prob)
 
     def batch(self, step: int) -> Batch:
         g = _generator(self.seed, step)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sdwork.convert.package_io import metadata, open_package, package_size, weight_file_size
+from sdwork.coreml.package import metadata, open_package, package_size, weight_file_size
 
 
 def package_table(packages: dict[str, Path]) -> pd.DataFrame:

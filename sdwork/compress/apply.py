@@ -25,29 +25,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sdwork.convert.components import spec
+from sdwork.errors import ConfigError, EngineError, MismatchError, PackageError
 from sdwork.quiet import coremltools_progress
-from sdwork.recipe import Recipe
-from sdwork.sizes import PackageSizes, package_sizes
+from sdwork.compress.recipe import Recipe
+from sdwork.coreml.sizes import PackageSizes, package_sizes
 
-PACKAGE_NAMES = {
-    "text_encoder": "TextEncoder",
-    "unet": "Unet",
-    "vae_decoder": "VAEDecoder",
-    "vae_encoder": "VAEEncoder",
-}
-# torch submodules (of the pipeline) that make up each converted component
-TORCH_MODULES = {
-    "text_encoder": ("text_encoder",),
-    "unet": ("unet",),
-    "vae_decoder": ("vae.post_quant_conv", "vae.decoder"),
-    "vae_encoder": ("vae.encoder", "vae.quant_conv"),
-}
 _TARGETS = {"iOS16": 7, "iOS17": 8, "iOS18": 9}  # specificationVersion of each deployment target
 POLICY = "model-weights-only"  # what gets compressed; part of a sweep row's key
 
 
-class EngineUnavailableError(RuntimeError):
-    pass
+EngineUnavailableError = EngineError  # the name callers used before the errors were unified
 
 
 @dataclass
@@ -66,7 +54,7 @@ def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None,
     torch pipeline) is needed by the torch engine only."""
     missing = [c for c in recipe.components if c not in fp16_packages]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"recipe {recipe.name} compresses {missing} but no converted package was given for them; "
             f"convert them first (sdwork.convert.convert_pipeline(..., components={list(recipe.components)}))"
         )
@@ -82,7 +70,7 @@ def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None,
     else:
         written, warnings = {}, {}
         for comp in recipe.components:
-            dst = out_dir / f"{PACKAGE_NAMES[comp]}.mlpackage"
+            dst = out_dir / spec(comp).package
             warnings[comp] = _compress_coreml(recipe, fp16_packages[comp], dst, progress, not_weights[comp])
             _copy_sidecars(fp16_packages[comp], dst)
             written[comp] = dst
@@ -103,7 +91,7 @@ def _check_something_compressed(result: Compressed) -> None:
         kinds = {l["kind"] for l in skipped if l["kind"] not in ("one_d", "below_threshold", "not_a_weight")}
         if kinds and kinds != {"override"}:
             example = next(l for l in skipped if l["kind"] in kinds)
-            raise ValueError(
+            raise ConfigError(
                 f"recipe {result.recipe.name} compressed no weight of {comp}: every candidate was skipped, e.g. "
                 f"{example['name']}: {example['reason']}. Pick settings that fit this model (e.g. a group_size "
                 "that divides the output channels)"
@@ -116,12 +104,11 @@ def _check_something_compressed(result: Compressed) -> None:
 def non_weight_consts(package) -> tuple[str, ...]:
     """Consts of a converted package that hold no model weight (per its weight map); () for a
     package without one (not converted by sdwork: nothing is known, coremltools decides)."""
-    from sdwork.convert import PackageError, load_weight_map
+    from sdwork.convert.weightmap import load_weight_map, sidecar
 
-    try:
-        weights = set(load_weight_map(package).values())
-    except PackageError:
+    if not sidecar(package).exists():
         return ()
+    weights = set(load_weight_map(package).values())
     return tuple(sorted(l.name for l in package_sizes(package).layers if l.name not in weights))
 
 
@@ -149,28 +136,20 @@ def _engine_function(engine: str):
         import coremltools.optimize.coreml as cto
 
         return cto.palettize_weights
-    import importlib
+    from sdwork.compress.palettize_fast import palettize_mlmodel
 
-    for module in ("sdwork.kmeans1d", "sdwork.palettize_fast"):  # where the fast engine may live
-        try:
-            return importlib.import_module(module).palettize_mlmodel
-        except (ImportError, AttributeError):
-            continue
-    raise EngineUnavailableError(
-        "engine 'sdwork' needs palettize_mlmodel from sdwork.kmeans1d (or sdwork.palettize_fast), which this "
-        "checkout does not have yet; use engine='coremltools'"
-    )
+    return palettize_mlmodel
 
 
 def _check_target(package: Path, recipe: Recipe) -> None:
     from coremltools.proto import Model_pb2
 
-    from sdwork.sizes import MODEL
+    from sdwork.coreml.sizes import MODEL
 
     spec = Model_pb2.Model()
     spec.ParseFromString((Path(package) / MODEL).read_bytes())
     if spec.specificationVersion < _TARGETS[recipe.min_target]:
-        raise ValueError(
+        raise PackageError(
             f"recipe {recipe.name} needs deployment target {recipe.min_target}, but {package} was converted for an "
             f"older one (spec version {spec.specificationVersion}); re-convert with target='{recipe.min_target}'"
         )
@@ -182,7 +161,7 @@ def _check_overrides(recipe: Recipe, packages: dict[str, Path]) -> None:
     names = {l.name for c in recipe.components for l in package_sizes(packages[c]).layers}
     unknown = [k for k, _ in recipe.overrides if k not in names]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"recipe overrides name ops that are not weights of {list(recipe.components)}: {unknown[:5]}; "
             "use the Core ML const names from the weight map (sdwork.convert.load_weight_map)"
         )
@@ -224,25 +203,22 @@ def _omp_single_thread():
 
 def _compress_torch(recipe: Recipe, pipe, out_dir: Path, progress: bool):
     if pipe is None:
-        raise ValueError("engine 'torch' palettizes the torch modules: pass pipe= (the fp16-rounded pipeline)")
-    try:
-        from sdwork.convert import convert_pipeline
-    except ImportError as e:
-        raise EngineUnavailableError(f"engine 'torch' converts through sdwork.convert, not available: {e}") from e
+        raise ConfigError("engine 'torch' palettizes the torch modules: pass pipe= (the fp16-rounded pipeline)")
     from coremltools.optimize.torch.palettization import PostTrainingPalettizer
 
-    from sdwork.convert import WeightMapError
+    from sdwork.convert.export import convert_pipeline
+    from sdwork.convert.weightmap import WeightMapError
 
     work = copy.deepcopy(pipe)
     with _captured_log("coremltools") as lines, _omp_single_thread(), _quiet_torch_kmeans(progress):
         for comp in recipe.components:
-            for path in TORCH_MODULES[comp]:
-                module = _get(work, path)
-                skip = _small_modules(module, recipe.weight_threshold)
-                PostTrainingPalettizer(module, recipe.to_torch_config(skip)).compress(inplace=True)
+            module = getattr(work, spec(comp).module)
+            skip = _small_modules(module, recipe.weight_threshold, spec(comp))
+            PostTrainingPalettizer(module, recipe.to_torch_config(skip)).compress(inplace=True)
         try:
             # iOS18: the lowest target that holds every recipe (grouped LUTs, 3 bits)
-            written = convert_pipeline(work, out_dir, components=recipe.components, target="iOS18", progress=progress)
+            written = convert_pipeline(work, out_dir, components=recipe.components, target="iOS18", progress=progress,
+                                       source=pipe)
         except WeightMapError as e:
             raise EngineUnavailableError(
                 "engine 'torch': sdwork.convert could not map the torch-side palettized weights "
@@ -264,20 +240,38 @@ def _quiet_torch_kmeans(progress: bool):
         log.setLevel(level)
 
 
-def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _small_modules(module, threshold: int) -> tuple[str, ...]:
-    """Modules whose weight has <= threshold elements: the Core ML side leaves these dense."""
+def _small_modules(module, threshold: int, component) -> tuple[str, ...]:
+    """Modules the component does not hold (the VAE's other half), or whose weight has <= threshold
+    elements (the Core ML side leaves these dense)."""
     import torch
 
     return tuple(
         name for name, m in module.named_modules()
-        if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.numel() <= threshold
+        if isinstance(getattr(m, "weight", None), torch.Tensor)
+        and (m.weight.numel() <= threshold or not component.owns(f"{name}.weight"))
     )
+
+
+# --- will the recipe find weights to compress? (checked before any work) -------------
+
+
+def check_fits(recipe: Recipe, pipe) -> None:
+    """Refuse a recipe that can compress no weight of a component of this model (a group size or
+    cluster_dim that divides no layer's output channels), naming the sizes that would work."""
+    from sdwork.convert.components import owned_parameters
+
+    for comp in recipe.components:
+        channels = sorted({p.shape[0] for n, p in owned_parameters(pipe, comp).items()
+                           if p.ndim >= 2 and p.numel() > recipe.weight_threshold and n.endswith("weight")})
+        if not channels:
+            raise ConfigError(f"recipe {recipe.name}: {comp} has no weight above weight_threshold="
+                              f"{recipe.weight_threshold} elements; lower weight_threshold")
+        for what, n in (("group_size", recipe.group_size), ("cluster_dim", recipe.cluster_dim)):
+            if n and n > 1 and not any(c % n == 0 for c in channels):
+                ok = sorted({d for c in channels for d in (2, 4, 8, 16, 32, 64) if c % d == 0})
+                raise ConfigError(f"recipe {recipe.name}: {what}={n} divides the output channels of no layer of "
+                                  f"{comp} (channels: {channels[:8]}), so nothing would be compressed; use a "
+                                  f"{what} that divides them, e.g. one of {ok}")
 
 
 # --- what stayed dense, and why ----------------------------------------------------

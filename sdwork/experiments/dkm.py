@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sdwork.generate import torch_threads
-from sdwork.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, _check_lut
+from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, _check_lut
 
 OBJECTIVES = ("distill", "dataset")
 INITS = ("auto", "exact", "kmeans++")
@@ -160,7 +160,7 @@ def prepare_student(unet: torch.nn.Module, s: DKMSettings):
 def _exact_kmeans_start(student: torch.nn.Module, s: DKMSettings) -> None:
     """Start every LUT at the exact 1-D k-means optimum of its fp16 weights: step 0 is then the
     post-training palettization itself (coremltools' kmeans++ start is approximate and slow here)."""
-    from sdwork.kmeans1d import cluster_rows
+    from sdwork.compress.kmeans1d import cluster_rows
 
     threads = torch.get_num_threads()  # numba's OpenMP pool resets torch's thread count: pin it back after
     for m in student.modules():
@@ -219,19 +219,19 @@ class DKMRun:
 
 
 def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=None,
-          progress: bool = True) -> DKMRun:
+          progress: bool = True, model: str | None = None) -> DKMRun:
     """Fine-tune pipe.unet under DKM; resumes from run_dir/checkpoint.pt when present.
 
     Rounds pipe's weights to fp16 in place (the baseline every variant is scored
     against): the student starts from, and the teacher is, that fp16 UNet.
     `data` overrides the batches (an object with .batch(step) -> distill.Batch).
     """
-    from sdwork.pipeline import round_module_to_fp16, round_weights_to_fp16
+    from sdwork.weights import round_module_to_fp16, round_weights_to_fp16
 
     run_dir = Path(run_dir)
-    _claim_run_dir(run_dir, s)
     round_weights_to_fp16(pipe)
     data = data or _make_data(pipe, s, prompts)
+    _claim_run_dir(run_dir, s, _inputs(pipe, data, model))
     teacher = copy.deepcopy(pipe.unet).float().eval().requires_grad_(False)
     with torch_threads(s.threads), _forked_rng(s.seed):
         student, palettizer, skipped = prepare_student(pipe.unet, s)
@@ -255,7 +255,7 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
 
 
 def _make_data(pipe, s: DKMSettings, prompts):
-    from sdwork import distill
+    from sdwork.experiments import distill
 
     if s.objective == "distill":
         return distill.DistillData(pipe, prompts, batch=s.batch, seed=s.seed, uncond_prob=s.uncond_prob)
@@ -291,22 +291,35 @@ def _lr_at(step: int, s: DKMSettings) -> float:
 
 
 # ---------------------------------------------------------------- checkpoints
-def _claim_run_dir(run_dir: Path, s: DKMSettings) -> None:
-    """A run folder belongs to one set of settings: resuming with others would mix two runs."""
+def _inputs(pipe, data, model: str | None) -> dict:
+    """What a run's weights depend on besides its settings: the model's weights and the data
+    (the prompts or dataset the batches come from, as the data object describes itself)."""
+    from sdwork.weights import weights_hash
+
+    describe = getattr(data, "describe", None)
+    return dict(model=model or getattr(pipe, "model_spec", None), weights_hash=weights_hash(pipe),
+                data=describe() if describe else type(data).__name__)
+
+
+def _claim_run_dir(run_dir: Path, s: DKMSettings, inputs: dict) -> None:
+    """A run folder belongs to one set of settings, model and data: resuming with others would mix
+    two runs. Only ckpt_every may change; steps only before the first checkpoint (the
+    learning-rate schedule depends on the total)."""
+    from sdwork.errors import MismatchError
+    from sdwork.io import as_json, differences, write_json
+
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / SETTINGS
+    want = as_json(dict(s.to_dict(), inputs=inputs))
     if path.exists():
         have = json.loads(path.read_text())
-        resumable = {k: v for k, v in have.items() if k not in ("steps", "ckpt_every")}
-        want = {k: v for k, v in s.to_dict().items() if k not in ("steps", "ckpt_every")}
-        if resumable != want:
-            diff = sorted(k for k in want if have.get(k) != want[k])
-            raise ValueError(f"{run_dir} holds a DKM run with other settings ({', '.join(diff)} differ); "
-                             "pass a new run_dir, or delete this one to start over")
-        if have["steps"] != s.steps and (run_dir / CHECKPOINT).exists():
-            raise ValueError(f"{run_dir} was trained for {have['steps']} steps; the learning-rate schedule "
-                             f"depends on the total, so {s.steps} steps need a new run_dir")
-    path.write_text(json.dumps(s.to_dict(), indent=1))
+        free = ("ckpt_every",) if (run_dir / CHECKPOINT).exists() else ("ckpt_every", "steps")
+        diff = differences({k: v for k, v in have.items() if k not in free},
+                           {k: v for k, v in want.items() if k not in free})
+        if diff:
+            raise MismatchError(f"{run_dir} holds a DKM run made with other settings, model or data "
+                                f"({'; '.join(diff)}); pass a new run_dir, or delete this one to start over")
+    write_json(path, want)
 
 
 def _save_checkpoint(run_dir: Path, student, opt, step: int, losses: list) -> None:
@@ -408,8 +421,9 @@ def convert(pipe, unet: torch.nn.Module, out_dir, s: DKMSettings, target: str | 
     check_target(target, s)
     if not any("_COREML_" in k for k, _ in unet.named_buffers()):
         raise ValueError("this UNet carries no palettization metadata: pass DKMRun.unet (finalized by sdwork.dkm.train)")
+    source = copy.copy(pipe)  # the packages are tied to the fp16 model, not to the DKM weights
     with _swapped(pipe, "unet", unet):
-        paths = convert_pipeline(pipe, out_dir, components=("unet",), target=target, progress=progress)
+        paths = convert_pipeline(pipe, out_dir, components=("unet",), target=target, progress=progress, source=source)
     return Path(paths["unet"])
 
 
@@ -431,7 +445,7 @@ def check_luts(package, run: DKMRun) -> pd.DataFrame:
     this guards against.
     """
     from sdwork.convert import load_weight_map
-    from sdwork.sizes import package_sizes
+    from sdwork.coreml.sizes import package_sizes
 
     s = run.settings
     sizes = package_sizes(package)
@@ -459,48 +473,35 @@ def check_luts(package, run: DKMRun) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- results row
-def run_variant(ctx, s: DKMSettings, prompts: list[str] | None = None, target: str | None = None,
-                progress: bool = True) -> tuple[dict, DKMRun]:
-    """Train (or resume), convert with LUTs, verify them, evaluate, and append the row to the
-    sweep's results table in ctx.out_dir. A row already there (same key) is returned as is."""
-    from sdwork.sweep import RESULTS, append_row, read_rows
-
-    run = train(ctx.pipe, s, Path(ctx.out_dir) / "dkm" / s.name, prompts=prompts, progress=progress)
-    key = row_key(ctx, s, prompts)
-    done = [r for r in read_rows(Path(ctx.out_dir) / RESULTS) if r["key"] == key]
-    if done:
-        return done[0], run
-    package = convert(ctx.pipe, run.unet, Path(ctx.out_dir) / "variants" / s.name, s, target, progress)
+def run_variant(exp, s: DKMSettings, prompts: list[str] | None = None, target: str | None = None):
+    """Train (or resume) on `exp`'s fp16 pipeline, convert with LUTs, verify them, and score the
+    package like every variant of `exp` (sdwork.Experiment): (Variant, DKMRun). A row already in
+    the results (same key) is read back; the training run resumes or is complete either way."""
+    run = train(exp.pipe, s, exp.out / "dkm" / s.name, prompts=prompts, progress=exp.progress, model=exp.model)
+    key = row_key(exp, s, prompts)
+    if key in exp.done():
+        return exp.recorded(key), run
+    package = convert(exp.pipe, run.unet, exp.out / "variants" / s.name, s, target, exp.progress)
     check_luts(package, run)
-    row, _ = variant_row(ctx, run, package, prompts, progress)
-    append_row(Path(ctx.out_dir) / RESULTS, row)
-    return row, run
+    return exp.evaluate(compressed(exp, run, package), s.name, key, columns=_columns(run)), run
 
 
-def variant_row(ctx, run: DKMRun, package: Path, prompts: list[str] | None = None, progress: bool = False) -> tuple[dict, np.ndarray]:
-    """Evaluate the DKM package like every sweep variant: (results row, images).
+def compressed(exp, run: DKMRun, package: Path):
+    """The DKM package with the experiment's other fp16 packages, as a compression result."""
+    from sdwork.compress.apply import Compressed
+    from sdwork.coreml.sizes import package_sizes
 
-    `ctx` is a sdwork.sweep.SweepContext (fp16 pipeline, baseline, fp16 packages);
-    the row has the sweep's columns, so DKM and post-training rows share one table.
-    """
-    from sdwork.compress import Compressed
-    from sdwork.sizes import package_sizes
-    from sdwork.sweep import evaluate_variant
-
-    s = run.settings
-    packages = {**ctx.fp16_packages, "unet": Path(package)}
-    done = Compressed(s.recipe(), packages, {c: package_sizes(p) for c, p in packages.items()}, {}, run.seconds,
-                      run.cpu_seconds)
-    row, images = evaluate_variant(ctx, done, s.name, row_key(ctx, s, prompts), progress=progress)
-    row.update(
-        method="dkm", engine="dkm", overrides={},
-        dkm=s.to_dict(), train_s=round(run.seconds, 3), train_cpu_s=round(run.cpu_seconds, 3),
-        peak_rss_bytes=run.peak_rss_bytes,
-        final_loss=float(run.losses["loss"].tail(10).mean()) if len(run.losses) else None,
-    )
-    return row, images
+    packages = {**exp.fp16_packages(("unet",)), "unet": Path(package)}
+    return Compressed(run.settings.recipe(), packages, {c: package_sizes(p) for c, p in packages.items()}, {},
+                      run.seconds, run.cpu_seconds)
 
 
-def row_key(ctx, s: DKMSettings, prompts: list[str] | None = None) -> str:
-    """SweepContext.key with the DKM training settings (and prompts) in what the row depends on."""
-    return ctx.key(s.recipe(), dkm=s.to_dict(), prompts=prompts)
+def _columns(run: DKMRun) -> dict:
+    return dict(method="dkm", engine="dkm", overrides={}, dkm=run.settings.to_dict(), train_s=round(run.seconds, 3),
+                train_cpu_s=round(run.cpu_seconds, 3), peak_rss_bytes=run.peak_rss_bytes,
+                final_loss=float(run.losses["loss"].tail(10).mean()) if len(run.losses) else None)
+
+
+def row_key(exp, s: DKMSettings, prompts: list[str] | None = None) -> str:
+    """The experiment's row key with the DKM training settings (and prompts) in what it depends on."""
+    return exp.key(s.recipe(), dkm=s.to_dict(), prompts=prompts)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from sdwork.recipe import DEFAULT_WEIGHT_THRESHOLD, LayerSpec, Recipe
-from sdwork.sensitivity import FP16, Layer, candidate_name, parse_candidate
+from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, LayerSpec, Recipe
+from sdwork.experiments.sensitivity import FP16, Layer, candidate_name, parse_candidate
 
 OBJECTIVES = ("latent_mse", "image_mse")
 
@@ -275,7 +275,7 @@ def size_model(fp16_package, consts: dict[str, str], rest: LayerSpec | None = No
                weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD) -> SizeModel:
     """From the converted fp16 package: `consts` maps each allocated layer to its const name; the
     other compressible consts (not analysed) are counted as `rest` stores them (None: fp16)."""
-    from sdwork.sizes import package_sizes
+    from sdwork.coreml.sizes import package_sizes
 
     sizes = package_sizes(fp16_package)
     by_name = {l.name: l for l in sizes.layers}
@@ -299,7 +299,7 @@ def _other_layers(sizes, allocated_consts, weight_threshold: int):
 
 
 def other_consts(fp16_package, allocated_consts, weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD) -> list[str]:
-    from sdwork.sizes import package_sizes
+    from sdwork.coreml.sizes import package_sizes
 
     return [l.name for l in _other_layers(package_sizes(fp16_package), allocated_consts, weight_threshold)]
 
@@ -458,21 +458,16 @@ def mixed_recipes(sens, table: pd.DataFrame, fp16_package, weight_map: dict[str,
     return out
 
 
-def add_rows(ctx, entries, progress: bool = True) -> pd.DataFrame:
-    """Run each (Recipe, extra columns) through the sweep (sdwork.sweep.run_variant) unless its key is
-    already in the run's results file; extra columns (method, target, prediction) join the row."""
+def add_rows(exp, entries, progress: bool = True) -> pd.DataFrame:
+    """Run each (Recipe, extra columns) through `exp.run` with a label of its method and target, so a
+    mixed recipe that equals a uniform one still gets its own row (measured once); extra columns
+    (method, target, prediction) join the row. Returns the experiment's results."""
     from tqdm.auto import tqdm
 
-    from sdwork.sweep import RESULTS, append_row, load_results, read_rows, run_variant
-
-    path = ctx.out_dir / RESULTS
-    done = {r["key"] for r in read_rows(path)}
-    todo = [(r, x) for r, x in entries if ctx.key(r) not in done]
-    for recipe, extra in tqdm(todo, desc="variants", unit="variant", disable=not progress):
-        row, _ = run_variant(ctx, recipe)
-        row.update({k: v for k, v in extra.items() if k not in row})
-        append_row(path, row)
-    return load_results(ctx.out_dir)
+    for recipe, extra in tqdm(entries, desc="variants", unit="variant", disable=not progress):
+        label = " ".join(str(extra[k]) for k in ("method", "target") if extra.get(k) is not None) or None
+        exp.run(recipe, label=label if extra.get("method") != "uniform" else None, columns=extra)
+    return exp.results()
 
 
 # --- plots ----------------------------------------------------------------------------

@@ -18,10 +18,13 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from sdwork import validate
+from sdwork.convert.components import COMPONENTS
+from sdwork.errors import ConfigError
+
 NBITS = (1, 2, 3, 4, 6, 8)
 GRANULARITIES = ("per_tensor", "per_grouped_channel")
 MODES = ("kmeans", "uniform")
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 ENGINES = ("coremltools", "torch", "sdwork")
 DEFAULT_COMPONENTS = ("text_encoder", "unet")
 DEFAULT_WEIGHT_THRESHOLD = 2048  # coremltools' default: weights with more elements get compressed
@@ -32,17 +35,18 @@ class LayerSpec:
     """A per-layer override: another bit width / granularity for one weight."""
 
     nbits: int
-    granularity: str = "per_tensor"
+    granularity: str | None = None  # None: per_grouped_channel when group_size is given, else per_tensor
     group_size: int | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "granularity", implied_granularity(self.granularity, self.group_size))
         _check_lut(self.nbits, self.granularity, self.group_size, cluster_dim=1, what="override")
 
 
 @dataclass(frozen=True)
 class Recipe:
     nbits: int
-    granularity: str = "per_tensor"
+    granularity: str | None = None  # None: per_grouped_channel when group_size is given, else per_tensor
     group_size: int | None = None  # output channels sharing one LUT; LUTs per layer = C_out / group_size
     cluster_dim: int = 1  # >1: vector palettization, each LUT entry is a cluster_dim-long vector
     mode: str = "kmeans"
@@ -53,27 +57,21 @@ class Recipe:
     overrides: tuple[tuple[str, LayerSpec | None], ...] = field(default=())
 
     def __post_init__(self):
+        object.__setattr__(self, "granularity", implied_granularity(self.granularity, self.group_size))
         _check_lut(self.nbits, self.granularity, self.group_size, self.cluster_dim, what="recipe")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        validate.choice("mode", self.mode, MODES)
         if self.cluster_dim > 1 and self.mode != "kmeans":
-            raise ValueError(f"cluster_dim={self.cluster_dim} (vector palettization) needs mode='kmeans'")
-        if not isinstance(self.weight_threshold, int) or self.weight_threshold < 0:
-            raise ValueError(f"weight_threshold must be an integer >= 0, got {self.weight_threshold!r}")
-        comps = (self.components,) if isinstance(self.components, str) else tuple(self.components)
-        if not comps:
-            raise ValueError(f"components is empty; name at least one of {COMPONENTS}")
-        for c in comps:
-            if c not in COMPONENTS:
-                raise ValueError(f"unknown component {c!r}; choose from {COMPONENTS}")
+            raise ConfigError(f"cluster_dim={self.cluster_dim} (vector palettization) needs mode='kmeans'")
+        validate.integer("weight_threshold", self.weight_threshold, lo=0)
+        comps = (self.components,) if isinstance(self.components, str) else self.components
+        comps = validate.sequence("components", comps, lambda w, c: validate.choice(w, c, COMPONENTS),
+                                  "['text_encoder', 'unet']")
         object.__setattr__(self, "components", tuple(sorted(set(comps), key=COMPONENTS.index)))
-        if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.engine == "torch" and self.mode != "kmeans":
-            raise ValueError("engine='torch' (PostTrainingPalettizer) only does k-means; use engine='coremltools' for mode='uniform'")
+        validate.choice("engine", self.engine, ENGINES)
+        _check_engine(self)
         object.__setattr__(self, "overrides", _normalise_overrides(self.overrides))
         if self.overrides and self.engine == "torch":
-            raise ValueError("per-layer overrides are keyed by Core ML op names; use engine 'coremltools' or 'sdwork'")
+            raise ConfigError("per-layer overrides are keyed by Core ML op names; use engine 'coremltools' or 'sdwork'")
 
     # --- identity -------------------------------------------------------------------
 
@@ -112,12 +110,9 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown recipe field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        d = validate.known_keys("recipe", d, [f.name for f in fields(cls)])
         if "nbits" not in d:
-            raise ValueError("a recipe needs nbits (one of 1, 2, 3, 4, 6, 8)")
+            raise ConfigError(f"a recipe needs nbits (one of {', '.join(map(str, NBITS))})")
         return cls(**d)
 
     @classmethod
@@ -180,26 +175,42 @@ class Recipe:
 _SHORT = {"text_encoder": "te", "unet": "unet", "vae_decoder": "vaed", "vae_encoder": "vaee"}
 
 
+def implied_granularity(granularity: str | None, group_size) -> str:
+    """The one rule: a group size means grouped LUTs, none means one LUT per tensor."""
+    if granularity is None:
+        return "per_tensor" if group_size is None else "per_grouped_channel"
+    return granularity
+
+
+def _check_engine(r: "Recipe") -> None:
+    """What each engine can run, refused when the recipe is built (not after minutes of work)."""
+    if r.engine == "torch" and r.mode != "kmeans":
+        raise ConfigError("engine='torch' (PostTrainingPalettizer) only does k-means; use engine='coremltools' "
+                          "for mode='uniform'")
+    if r.engine == "sdwork" and r.cluster_dim > 1:
+        raise ConfigError(f"engine='sdwork' does not do vector palettization (cluster_dim={r.cluster_dim}); use "
+                          "engine='coremltools' or 'torch' for cluster_dim > 1")
+
+
 def _check_lut(nbits, granularity, group_size, cluster_dim, what: str):
-    if isinstance(nbits, bool) or nbits not in NBITS:
-        raise ValueError(f"{what}: nbits={nbits!r} is not supported by Core ML palettization; use one of {NBITS}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"{what}: granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if not isinstance(cluster_dim, int) or isinstance(cluster_dim, bool) or cluster_dim < 1:
-        raise ValueError(f"{what}: cluster_dim must be an integer >= 1, got {cluster_dim!r}")
+    if isinstance(nbits, bool) or not isinstance(nbits, int) or nbits not in NBITS:
+        raise ConfigError(f"{what}: nbits={nbits!r} is not supported by Core ML palettization; use one of "
+                          f"{', '.join(map(str, NBITS))} (a whole number)")
+    validate.choice(f"{what}: granularity", granularity, GRANULARITIES)
+    validate.integer(f"{what}: cluster_dim", cluster_dim, lo=1)
     if granularity == "per_tensor":
         if group_size is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{what}: group_size={group_size} only applies to granularity='per_grouped_channel'; "
                 "drop group_size or switch granularity"
             )
         return
     if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: per_grouped_channel needs group_size, a positive number of output channels per LUT; got {group_size!r}"
         )
     if group_size % cluster_dim:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: cluster_dim={cluster_dim} must divide group_size={group_size} "
             "(each LUT entry is a vector along the grouped channels); pick a cluster_dim that divides it"
         )
@@ -210,13 +221,13 @@ def _normalise_overrides(overrides) -> tuple:
     out = {}
     for name, spec in items:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"override keys are Core ML const op names (strings), got {name!r}")
+            raise ConfigError(f"override keys are Core ML const op names (strings), got {name!r}")
         if isinstance(spec, dict):
             spec = LayerSpec(**spec)
         elif isinstance(spec, (list, tuple)):
             spec = LayerSpec(*spec)
         elif spec is not None and not isinstance(spec, LayerSpec):
-            raise ValueError(f"override for {name!r} must be None, (nbits, granularity, group_size) or a dict, got {spec!r}")
+            raise ConfigError(f"override for {name!r} must be None, (nbits, granularity, group_size) or a dict, got {spec!r}")
         out[name] = spec
     return tuple(sorted(out.items()))
 
@@ -227,9 +238,4 @@ def grid(
     **common,
 ) -> list[Recipe]:
     """The cartesian product of bit widths and granularities; group size None means per-tensor."""
-    out = []
-    for n in nbits:
-        for g in group_sizes:
-            gran = dict(granularity="per_tensor") if g is None else dict(granularity="per_grouped_channel", group_size=g)
-            out.append(Recipe(nbits=n, **gran, **common))
-    return out
+    return [Recipe(nbits=n, group_size=g, **common) for n in nbits for g in group_sizes]

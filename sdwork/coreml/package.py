@@ -14,13 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from sdwork.errors import PackageError
+
 META_PREFIX = "sdwork."
 # suffixes coremltools' compression passes append to the name of the const they replace
 _COMPRESSION_SUFFIX = re.compile(r"(_(palettized|quantized|sparsified|pcs))+$")
-
-
-class PackageError(ValueError):
-    pass
 
 
 def open_package(package):

@@ -32,7 +32,7 @@ def size_vs_metrics(results: pd.DataFrame, metrics=None, x: str = "size_bytes"):
 
     metrics = [m for m in (metrics or METRIC_LABELS) if m in results]
     if results.empty or not metrics:
-        raise ValueError("no results to plot: run the sweep first (sdwork.sweep.run_sweep)")
+        raise ValueError("no results to plot: run the sweep first (Experiment.sweep)")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     groups = _variant_kind(results)
     for ax, m in zip(axes[0], metrics):
@@ -79,8 +79,8 @@ def _finite(s: pd.Series) -> pd.Series:
 
 def image_grid(run_dir, names, max_cols: int = 8):
     """The fp16 baseline above the chosen variants' images (same prompts and seeds)."""
-    from sdwork.grid import image_grid as grid
-    from sdwork.sweep import load_images, load_results
+    from sdwork.experiments.results import load_images, load_results
+    from sdwork.report.images import image_grid as grid
 
     results = load_results(run_dir).set_index("name")
     base = np.load(f"{run_dir}/images/baseline.npz")
@@ -125,10 +125,11 @@ def front_names(results: pd.DataFrame, metric: str = "psnr", n: int = 4) -> list
     return list(front["name"].iloc[sorted(set(picks))])
 
 
-def compare(baseline: np.ndarray, images: np.ndarray, row: dict, max_cols: int = 8):
-    """One variant beside the fp16 baseline, its size and mean metrics in the row label."""
-    from sdwork.grid import image_grid as grid
+def compare(variant, max_cols: int = 8):
+    """One variant (sdwork.Variant) under the fp16 baseline, its size and mean metrics in the row label."""
+    from sdwork.report.images import image_grid as grid
 
+    baseline, images, row = variant.baseline, variant.images, variant.row
     label = (f"{row['name']}\n{row['size_bytes'] / 1e6:.2f} MB ({row['size_ratio']:.2f}x)\n"
              f"PSNR {row['psnr']:.1f} dB, SSIM {row['ssim']:.3f}")
     return grid({"fp16 baseline": baseline, label: images}, max_cols=max_cols)
@@ -139,43 +140,3 @@ def metrics_table(row: dict) -> pd.DataFrame:
     per = pd.DataFrame(row["per_prompt"])
     mean = {k: row.get(k) for k in per.columns if k in row}
     return pd.concat([pd.DataFrame([{"prompt": "(mean)", **mean}]), per], ignore_index=True)
-
-
-def recipe_panel(ctx, template, out_dir):
-    """ipywidgets: pick bits, granularity, group size, cluster_dim; the button runs
-    sdwork.sweep.run_variant (what the notebook's plain cell ran) and shows images and metrics."""
-    import ipywidgets as w
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    from sdwork.recipe import NBITS
-    from sdwork.sweep import run_variant
-
-    nbits = w.Dropdown(options=NBITS, value=template.nbits, description="bits")
-    gran = w.Dropdown(options=["per_tensor", "per_grouped_channel"], value=template.granularity,
-                      description="granularity")
-    group = w.Dropdown(options=[4, 8, 16, 32, 64], value=template.group_size or 16, description="group size")
-    cdim = w.Dropdown(options=[1, 2, 4], value=template.cluster_dim, description="cluster_dim")
-    engine = w.Dropdown(options=["coremltools", "sdwork", "torch"], value=template.engine, description="engine")
-    button, out = w.Button(description="Run recipe", button_style="primary"), w.Output()
-
-    def run(_):
-        out.clear_output()
-        with out:
-            try:
-                grouped = gran.value == "per_grouped_channel"
-                recipe = template.with_(nbits=nbits.value, granularity=gran.value,
-                                        group_size=group.value if grouped else None, cluster_dim=cdim.value,
-                                        engine=engine.value)
-                print(f"running {recipe.name} ...")
-                row, images = run_variant(ctx, recipe, out_dir=out_dir)
-            except Exception as e:  # widget callbacks swallow exceptions: show them instead
-                print(f"error: {e}")
-                return
-            display(metrics_table(row))
-            fig = compare(ctx.baseline, images, row)
-            display(fig)
-            plt.close(fig)
-
-    button.on_click(run)
-    return w.VBox([w.HBox([nbits, gran]), w.HBox([group, cdim]), engine, button, out])

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from sdwork.errors import PackageError
+
 HEADER_BYTES = 64
 BLOB_SENTINEL = 0xDEADBEEF
 WEIGHTS = Path("Data/com.apple.CoreML/weights/weight.bin")
 MODEL = Path("Data/com.apple.CoreML/model.mlmodel")
 
 
-class SizeAccountingError(RuntimeError):
+class SizeAccountingError(PackageError):
     pass
 
 
@@ -111,7 +113,7 @@ def package_sizes(path) -> PackageSizes:
     path = Path(path)
     model_file, weight_file = path / MODEL, path / WEIGHTS
     if not model_file.exists():
-        raise FileNotFoundError(f"{path} is not an ML program package (no {MODEL}); pass a .mlpackage folder")
+        raise PackageError(f"{path} is not an ML program package (no {MODEL}); pass a .mlpackage folder")
     blobs, weight_bytes = _blob_extents(weight_file)
     layers = _layers(_load_program(model_file))
     used = set()
@@ -141,7 +143,10 @@ def _blob_extents(weight_file: Path) -> tuple[dict[int, int], int]:
         raise SizeAccountingError(f"{weight_file} is shorter than its 64-byte header")
     count, _version = struct.unpack_from("<II", data, 0)
     starts, off = [], HEADER_BYTES
-    for _ in range(count):
+    for i in range(count):
+        if off + 24 > len(data):
+            raise SizeAccountingError(f"{weight_file} is truncated: blob {i + 1} of {count} would start at byte {off} "
+                                      f"but the file has {len(data)}; re-create the package (re-convert or re-compress)")
         sentinel, _dtype, size, data_off = struct.unpack_from("<IIQQ", data, off)
         if sentinel != BLOB_SENTINEL:
             raise SizeAccountingError(f"{weight_file}: no blob sentinel at offset {off}")

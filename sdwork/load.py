@@ -5,32 +5,25 @@ the embedded model exercises the same path as SD 1.5, 2.1-base or SDXL.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "data" / "models"
-TINY = MODELS / "tiny-sd"
-TINY_CLIP = MODELS / "tiny-clip"
-
-
-class ModelNotFoundError(FileNotFoundError):
-    pass
+from sdwork import paths
+from sdwork.errors import ModelNotFoundError
 
 
 def resolve_spec(spec: str | os.PathLike) -> str:
     """Map "tiny" to the embedded model folder; anything else passes through."""
     spec = str(spec)
     if spec == "tiny":
-        if not (TINY / "model_index.json").exists():
+        if not (paths.TINY / "model_index.json").exists():
             raise ModelNotFoundError(
-                f"the embedded default model is missing from {TINY}; restore data/models from git "
+                f"the embedded default model is missing from {paths.TINY}; restore sdwork/data/models from git "
                 "or retrain it with `python -m sdwork.tiny.train`"
             )
-        return str(TINY)
+        return str(paths.TINY)
     return spec
 
 
@@ -93,12 +86,9 @@ def _looks_like_path(spec: str) -> bool:
 def _random_tiny_pipeline(dtype: torch.dtype):
     from diffusers import StableDiffusionPipeline
 
-    from sdwork.tiny import dataset, models, tokenizer
+    from sdwork.tiny import models
 
-    folder = ROOT / "runs" / "tiny-random-tokenizer"
-    if not (folder / "vocab.json").exists():
-        tokenizer.build_tokenizer_files(dataset.vocabulary_words(), folder)
-    tok = tokenizer.load_tokenizer(folder, models.MAX_LENGTH)
+    tok = tiny_tokenizer()
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(
         vae=models.build_vae(),
@@ -116,47 +106,21 @@ def _random_tiny_pipeline(dtype: torch.dtype):
     return pipe
 
 
-def components(pipe) -> dict[str, torch.nn.Module]:
-    """The pipeline's torch modules by name (text_encoder, unet, vae, ...)."""
-    return {k: v for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+def tiny_tokenizer():
+    """The embedded architecture's BPE tokenizer, built from the dataset's words into the cache
+    once (whole folder or nothing, so a concurrent or interrupted build is never half read)."""
+    import shutil
 
+    from sdwork.tiny import dataset, models, tokenizer
 
-def round_weights_to_fp16(pipe):
-    """The fp16 baseline on CPU: every weight rounded to fp16, computed in fp32.
-
-    On CUDA or MPS one would instead run in fp16; on CPU fp16 kernels are slow
-    and less deterministic, so the rounding of the weights is what we keep.
-    """
-    for module in components(pipe).values():
-        round_module_to_fp16(module)
-    return pipe
-
-
-@torch.no_grad()
-def round_module_to_fp16(module: torch.nn.Module) -> torch.nn.Module:
-    """Every float parameter and buffer of module rounded to fp16 in place (dtype kept)."""
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_floating_point():
-            t.copy_(t.to(torch.float16).to(t.dtype))
-    return module
-
-
-def weights_hash(pipe) -> str:
-    """sha256 over every component's weights, in a stable order."""
-    h = hashlib.sha256()
-    for name, module in sorted(components(pipe).items()):
-        _hash_weights(h, module, f"{name}.")
-    return h.hexdigest()[:16]
-
-
-def module_hash(module) -> str:
-    """sha256 of one torch module's weights (e.g. a CLIP scorer), in a stable order."""
-    h = hashlib.sha256()
-    _hash_weights(h, module, "")
-    return h.hexdigest()[:16]
-
-
-def _hash_weights(h, module, prefix: str) -> None:
-    for k, v in sorted(module.state_dict().items()):
-        h.update(f"{prefix}{k}:{tuple(v.shape)}:{v.dtype}".encode())
-        h.update(v.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())  # view(-1): 0-d too
+    folder = paths.cache_dir("tiny-random-tokenizer")
+    if not (folder / "vocab.json").exists():
+        tmp = folder.with_name(f".{folder.name}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.build_tokenizer_files(dataset.vocabulary_words(), tmp)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer.load_tokenizer(folder, models.MAX_LENGTH)

@@ -20,19 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from sdwork.convert import components as C
-from sdwork.convert.load import check_belongs, load_package_into_module
-from sdwork.convert.package_io import metadata, package_size
+from sdwork.evaluate.psnr import signal_psnr
+from sdwork.convert.into_torch import check_belongs, load_package_into_module
+from sdwork.coreml.package import metadata, package_size
 
 LINUX_MIN_DB = 60.0  # weights equal up to fp16 rounding give far more
 MACOS_MIN_DB = 35.0  # Apple's --check-output-correctness threshold
 PROMPTS = ("a small red circle on a gray background", "a large blue square on a white background")
-
-
-def psnr(ref: np.ndarray, x: np.ndarray) -> float:
-    """Apple's PSNR of x against ref, in dB (about 200 when equal)."""
-    ref, x = np.asarray(ref, np.float64), np.asarray(x, np.float64)
-    rmse = np.sqrt(np.mean((ref - x) ** 2))
-    return float(20 * np.log10((np.abs(ref).max() + 1e-5) / (rmse + 1e-10)))
 
 
 def parity_report(pipe, packages: dict[str, Path], prompts=PROMPTS, seed: int = 0, progress: bool = True
@@ -52,7 +46,7 @@ def component_parity(pipe, component: str, package, prompts=PROMPTS, seed: int =
     shapes = _shapes(pipe, package)
     source = _fp16_copy(module)
     test = _nan_copy(module, sp)
-    load_package_into_module(test, component, package)
+    load_package_into_module(test, component, package, same_weights=False)  # a blank copy
     inputs = {"random": random_inputs(sp, shapes, pipe, seed), "real": real_inputs(pipe, component, shapes, prompts)}
     src_out = {k: _run(sp.wrapper(source), v) for k, v in inputs.items()}
     row = dict(component=component, package=Path(package).name, size_mb=package_size(package) / 2**20,
@@ -67,7 +61,7 @@ def _psnrs(sp, test, inputs, src_out) -> dict:
     out = {}
     for kind, args in inputs.items():
         got = _run(sp.wrapper(test), args)
-        out[f"psnr_{kind}"] = min(psnr(r, g) for r, g in zip(src_out[kind], got))
+        out[f"psnr_{kind}"] = min(signal_psnr(r, g) for r, g in zip(src_out[kind], got))
     return out
 
 
@@ -166,7 +160,7 @@ def _run(wrapper: torch.nn.Module, args) -> list[np.ndarray]:
 def _fp16_copy(module):
     # plain round-to-nearest, as the project's fp16 baseline (round_weights_to_fp16); an fp16 package
     # can differ from it by 6e-8 where coremltools keeps underflowing values (weightmap.coreml_fp16)
-    from sdwork.pipeline import round_module_to_fp16
+    from sdwork.weights import round_module_to_fp16
 
     return round_module_to_fp16(copy.deepcopy(module).eval())
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from skimage.metrics import structural_similarity
 
 from sdwork.generate import torch_threads
-from sdwork.pipeline import ROOT, TINY_CLIP, ModelNotFoundError, _looks_like_path, _offline, load_error
+from sdwork.evaluate.psnr import image_psnr
+from sdwork.paths import TINY_CLIP
+from sdwork.load import ModelNotFoundError, _looks_like_path, _offline, load_error
 
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # 11: scikit-image's Gaussian window for sigma 1.5
@@ -38,10 +40,7 @@ def _check_pair(ref: np.ndarray, img: np.ndarray):
 
 def psnr(ref: np.ndarray, img: np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB for uint8 images; inf when they are identical."""
-    ref, img = _check_pair(ref, img)
-    if np.array_equal(ref, img):
-        return math.inf  # MSE is 0: say so instead of dividing by zero
-    return float(peak_signal_noise_ratio(ref, img, data_range=255))
+    return image_psnr(*_check_pair(ref, img))
 
 
 def ssim(ref: np.ndarray, img: np.ndarray) -> float:
@@ -170,12 +169,10 @@ def _pretrained_clip(source, local: bool, name: str):
 
 
 def _random_tiny_clip():
-    from sdwork.tiny import dataset, models, tokenizer
+    from sdwork.load import tiny_tokenizer
+    from sdwork.tiny import models
 
-    folder = ROOT / "runs" / "tiny-random-tokenizer"
-    if not (folder / "vocab.json").exists():
-        tokenizer.build_tokenizer_files(dataset.vocabulary_words(), folder)
-    tok = tokenizer.load_tokenizer(folder, models.MAX_LENGTH)
+    tok = tiny_tokenizer()
     with torch.random.fork_rng():  # seed 0 without disturbing the caller's RNG
         torch.manual_seed(0)
         model = models.build_clip(len(tok), tok.bos_token_id, tok.eos_token_id)

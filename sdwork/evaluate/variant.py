@@ -1,22 +1,21 @@
 """Score a compressed variant: its exact weights in the torch pipeline, images, drift metrics.
 
-The compressed packages are the truth: their decompressed weights (every LUT
-looked up exactly as Core ML would) are copied into a copy of the fp16 torch
-pipeline, which then generates the same fixed-seed images as the baseline.
-Running the package itself needs the Core ML runtime (macOS); on Linux that
-is reported as skipped, never emulated.
+The compressed packages are the truth: their decompressed weights (every LUT looked up
+exactly as Core ML would) are copied into a copy of the fp16 torch pipeline, which then
+generates the same fixed-seed images as the baseline. Running a package itself needs the
+Core ML runtime (macOS); sdwork does not do that yet, on any platform, so no row claims it.
 """
 from __future__ import annotations
 
 import copy
 import math
-import platform
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from sdwork.evaluate.psnr import pooled_psnr
 from sdwork.generate import GenSettings, generate
 
 METRICS = ("psnr", "ssim", "clip_image_image", "clip_text_image")
@@ -29,13 +28,12 @@ class Evaluation:
     per_prompt: pd.DataFrame  # one row per prompt
     means: dict[str, float]
     seconds: float
-    coreml_predict: str  # what happened to running the package itself
     cpu_seconds: float = 0.0  # CPU time of this process (all threads)
 
 
 def load_variant(pipe_fp16, packages: dict):
     """A copy of the fp16 pipeline holding the packages' exact decompressed weights."""
-    from sdwork.convert import load_packages_into_pipeline
+    from sdwork.convert.into_torch import load_packages_into_pipeline
 
     return load_packages_into_pipeline(copy.deepcopy(pipe_fp16), packages)
 
@@ -48,14 +46,13 @@ def evaluate(pipe_fp16, packages: dict, settings: GenSettings, baseline: np.ndar
     images = generate(pipe, settings, progress=progress)
     del pipe
     table, per_prompt, means = score(baseline, images, settings, scorer)
-    return Evaluation(images, table, per_prompt, means, time.perf_counter() - t0, coreml_predict_status(),
-                      time.process_time() - c0)
+    return Evaluation(images, table, per_prompt, means, time.perf_counter() - t0, time.process_time() - c0)
 
 
 def score(baseline: np.ndarray, images: np.ndarray, settings: GenSettings, scorer=None):
-    """(per-image table, per-prompt table, means). PSNR is pooled: 10 log10(255^2 / mean MSE)
-    over the images of a prompt (or of the run), finite unless every image is identical."""
-    from sdwork.metrics import score_images
+    """(per-image table, per-prompt table, means). `psnr` of a prompt or of the run is pooled:
+    10 log10(255^2 / mean MSE) over its images, finite unless every image is identical."""
+    from sdwork.evaluate.metrics import score_images
 
     table = score_images(baseline, images, list(settings.prompts), scorer, seeds=settings.seeds)
     table["mse"] = ((images.astype(np.float64) - baseline.astype(np.float64)) ** 2).mean(axis=(1, 2, 3))
@@ -67,14 +64,45 @@ def score(baseline: np.ndarray, images: np.ndarray, settings: GenSettings, score
     return table, per_prompt, means
 
 
-def pooled_psnr(mse: float) -> float:
-    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+def variant_row(done, ev: Evaluation, fp16_packages: dict, weight_maps: dict) -> dict:
+    """The measured columns of a results row: the recipe, exact sizes, the weights left dense and
+    why, the metrics and the timings (the caller adds key, name and where files are)."""
+    from sdwork.compress.apply import summarise_uncompressed, uncompressed_layers
+    from sdwork.coreml.sizes import package_sizes
+
+    recipe = done.recipe
+    fp16_bytes = sum(package_sizes(p).weight_bin_bytes for p in fp16_packages.values())
+    layers = uncompressed_layers(done, weight_maps)
+    sizes = size_columns(done)
+    return dict(
+        **{k: v for k, v in recipe.to_dict().items() if k != "overrides"},
+        overrides=recipe.to_dict()["overrides"], min_target=recipe.min_target,
+        **sizes, fp16_size_bytes=fp16_bytes, size_ratio=round(sizes["size_bytes"] / fp16_bytes, 6),
+        # the weights a user would expect compressed (above threshold, >= 2-D) but left dense
+        uncompressed=[l for l in layers if l["kind"] not in ("one_d", "below_threshold", "not_a_weight")],
+        uncompressed_by_reason=summarise_uncompressed(layers),
+        **ev.means, per_prompt=ev.per_prompt.to_dict("records"),
+        compress_s=round(done.seconds, 3), evaluate_s=round(ev.seconds, 3),
+        compress_cpu_s=round(done.cpu_seconds, 3), evaluate_cpu_s=round(ev.cpu_seconds, 3),
+    )
 
 
-def coreml_predict_status() -> str:
-    if platform.system() != "Darwin":
-        return "skipped: running a package needs the Core ML runtime (macOS); scored the decompressed weights in torch"
-    return "skipped: on-device prediction is not implemented yet; scored the decompressed weights in torch"
+def size_columns(done) -> dict:
+    """Exact weight.bin bytes: of every converted component (the same set for every variant), of
+    the compressed ones, and their bits per weight."""
+    s, comps = done.sizes, done.recipe.components
+    comp_bytes = sum(s[c].weight_bin_bytes for c in comps)
+    comp_weights = sum(s[c].n_weights for c in comps)
+    cols = dict(
+        size_bytes=sum(x.weight_bin_bytes for x in s.values()),
+        package_bytes=sum(x.package_bytes for x in s.values()),
+        compressed_bytes=comp_bytes,
+        bits_per_weight=round(8 * comp_bytes / comp_weights, 4),
+        lut_count=sum(s[c].lut_count for c in comps),
+        sizes={c: x.summary() for c, x in s.items()},
+    )
+    cols.update({f"bytes_{c}": x.weight_bin_bytes for c, x in s.items()})
+    return cols
 
 
 # --- per-layer weight error ---------------------------------------------------------
@@ -86,14 +114,16 @@ def layer_errors(fp16_package, compressed_package) -> pd.DataFrame:
     Weights are matched by torch parameter name through each package's weight map, since
     the const names differ between engines (torch-side compression names them *_cast_fp16).
     """
-    from sdwork.convert import load_weight_map, package_weights
+    from sdwork.convert.weightmap import load_weight_map
+    from sdwork.coreml.package import package_weights
+    from sdwork.errors import MismatchError
 
     ref_map, got_map = load_weight_map(fp16_package), load_weight_map(compressed_package)
     ref, got = package_weights(fp16_package), package_weights(compressed_package)
     rows, seen = [], set()
     for torch_name, const in ref_map.items():
         if torch_name not in got_map:
-            raise KeyError(f"{torch_name} is in {fp16_package} but not in {compressed_package}: not the same model")
+            raise MismatchError(f"{torch_name} is in {fp16_package} but not in {compressed_package}: not the same model")
         pair = (const, got_map[torch_name])
         if pair in seen:  # parameters sharing one const are one stored weight
             continue

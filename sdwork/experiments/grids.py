@@ -1,0 +1,109 @@
+"""Grid files: a sweep as data (model, generation settings, scorer, recipes), validated whole
+before anything runs.
+
+    name: ci
+    model: tiny
+    engine: sdwork
+    generation: {prompts: [...], seeds: [0, 1], steps: 4}
+    grid: {nbits: [2, 6], group_size: [null, 16]}     # cartesian product; null = per-tensor
+    recipes: [{nbits: 4, group_size: 16}]              # extra recipes, any Recipe fields
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from sdwork import paths, validate
+from sdwork.compress.recipe import Recipe
+from sdwork.errors import ConfigError
+from sdwork.generate import GenSettings
+
+KEYS = ("name", "description", "model", "engine", "components", "scorer", "generation", "grid", "recipes")
+
+
+@dataclass
+class Grid:
+    recipes: list[Recipe]
+    settings: GenSettings
+    model: str = "tiny"
+    scorer: str | None = "tiny"  # CLIP scorer spec; None: PSNR/SSIM only
+    info: dict = field(default_factory=dict)  # name, description
+
+
+def load_grid(grid, model: str | None = None, engine: str | None = None, components=None,
+              scorer: str | None = "grid", limit: int | None = None) -> Grid:
+    """A grid from a YAML file, a name in sdwork/data/grids/, or the dict a file holds. Keyword
+    arguments override the file (scorer=None means no CLIP scorer); `limit` keeps the first recipes."""
+    d = validate.known_keys(f"grid {grid if not isinstance(grid, dict) else ''}".strip(), _read(grid), KEYS)
+    if limit is not None:
+        validate.integer("limit", limit, lo=1, fix="give the number of recipes to run, or leave it out for all")
+    if "generation" not in d:
+        raise ConfigError("the grid needs a 'generation' section (prompts, seeds, steps, guidance, threads)")
+    settings = GenSettings.from_dict(d["generation"], what="the grid's 'generation' section")
+    defaults = {"engine": engine or d.get("engine", "coremltools")}
+    comps = components or d.get("components")
+    if comps is not None:
+        defaults["components"] = comps
+    recipes = expand(d.get("grid") or {}, **defaults)
+    extra = d.get("recipes") or []
+    if not isinstance(extra, list):
+        raise ConfigError(f"the grid's 'recipes' must be a list of recipes, got {extra!r}")
+    for i, r in enumerate(extra):
+        r = Recipe.from_dict({**defaults, **validate.known_keys(f"recipes[{i}]", r, _RECIPE_FIELDS)})
+        if r.name not in {x.name for x in recipes}:
+            recipes.append(r)
+    if not recipes:
+        raise ConfigError("the grid defines no recipe: give a 'grid' section and/or a 'recipes' list")
+    model = model or d.get("model", "tiny")
+    validate.text("model", model, empty=False)
+    scorer = d.get("scorer", "tiny") if scorer == "grid" else scorer
+    if scorer is not None:
+        validate.text("scorer", scorer, empty=False)
+    return Grid(recipes[:limit], settings, model, scorer, {k: d[k] for k in ("name", "description") if k in d})
+
+
+_RECIPE_FIELDS = [f.name for f in fields(Recipe)]
+
+
+def expand(grid: dict, **defaults) -> list[Recipe]:
+    """Cartesian product of the listed Recipe fields (a single value is a list of one)."""
+    grid = validate.known_keys("the grid's 'grid' section", grid, _RECIPE_FIELDS)
+    keys = list(grid)
+    values = [v if isinstance(v, (list, tuple)) else [v] for v in grid.values()]
+    if "components" in grid and not any(isinstance(v, (list, tuple)) for v in grid["components"]):
+        values[keys.index("components")] = [grid["components"]]  # one list of components, not a product
+    recipes: dict[str, Recipe] = {}
+    for combo in itertools.product(*values):
+        r = Recipe.from_dict({**defaults, **dict(zip(keys, combo))})
+        recipes.setdefault(r.name, r)
+    return list(recipes.values())
+
+
+def grid_path(grid) -> Path:
+    """A grid name ("default", "ci") means sdwork/data/grids/<name>.yaml; anything else is a path."""
+    g = str(grid)
+    if "/" not in g and os.sep not in g and not g.endswith((".yaml", ".yml")):
+        return paths.GRIDS / f"{g}.yaml"
+    return Path(g).expanduser()
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in paths.GRIDS.glob("*.yaml"))
+
+
+def _read(grid) -> dict:
+    import yaml
+
+    if isinstance(grid, dict):
+        return dict(grid)
+    path = grid_path(grid)
+    if not path.is_file():
+        raise ConfigError(f"no grid file at {path}; use one of {', '.join(available())} or a YAML path "
+                          f"(see {paths.GRIDS / 'default.yaml'} for the format)")
+    try:
+        d = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return d or {}
