@@ -10,7 +10,7 @@ DEMO_OUT := runs/demo
 # the demo and the tests never download
 OFFLINE := HF_HUB_OFFLINE=1
 
-.PHONY: setup demo test strip lab clean-venv
+.PHONY: setup demo test test-fast strip lab clean-venv
 
 setup: $(STAMP)
 
@@ -36,14 +36,22 @@ demo: $(STAMP)
 	@echo "Results tables written by this run:"
 	@find runs -newer $(DEMO_OUT)/.started -type f \( -name '*.csv' -o -name '*.parquet' -o -name '*.jsonl' \) | sort | sed 's/^/  /'
 
+# Tests write nothing into the checkout: caches go to a temporary folder (tests/conftest.py),
+# no bytecode, no pytest cache; tests/check_clean.sh proves it after the run.
+TEST_ENV := $(OFFLINE) PYTHONDONTWRITEBYTECODE=1
+
 test: $(STAMP)
-	$(OFFLINE) $(BIN)/python -m pytest
+	$(TEST_ENV) $(BIN)/python -m pytest
+	@bash tests/check_clean.sh
+
+test-fast: $(STAMP)
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow"
 
 strip: $(STAMP)
 	$(BIN)/nbstripout --extra-keys "metadata.papermill cell.metadata.papermill" $(NOTEBOOKS)
 
 lab: $(STAMP)
-	$(BIN)/jupyter lab
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -62,9 +62,10 @@ def main():
         total += data_s
         for stage, key in STAGE_STEPS.items():
             per = time_stage(stage, cfg, work, a.steps, a.repeat)
-            full = per * cfg[key]
+            cfg[key] = 1 + a.steps  # what the stage in `work` was last trained with: later stages read it
+            full = per * train.DEFAULTS[key]
             total += full
-            print(f"{stage:12s} {per:7.3f} s/step x {cfg[key]:5d} steps = {full / 60:6.1f} min")
+            print(f"{stage:12s} {per:7.3f} s/step x {train.DEFAULTS[key]:5d} steps = {full / 60:6.1f} min")
             if stage == "vae":  # later stages read the VAE's latents: encoding them is part of the run
                 t0 = time.perf_counter()
                 train.cache_latents(cfg, work)

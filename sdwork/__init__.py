@@ -15,11 +15,11 @@ from sdwork.evaluate.parity import parity_report
 from sdwork.experiments.experiment import Experiment, Variant
 from sdwork.experiments.grids import load_grid
 from sdwork.experiments.results import load_results, summary_table
-from sdwork.generate import GenSettings, fp16_baseline, generate
+from sdwork.generate import GenSettings, fp16_baseline
 from sdwork.load import load_pipeline
 
 __all__ = [
     "ClipScorer", "Experiment", "GenSettings", "LayerSpec", "Recipe", "SdworkError", "Variant", "convert_pipeline",
-    "fp16_baseline", "generate", "load_grid", "load_pipeline", "load_results", "parity_report", "score_images",
+    "fp16_baseline", "load_grid", "load_pipeline", "load_results", "parity_report", "score_images",
     "summary_table",
 ]

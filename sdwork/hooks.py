@@ -17,17 +17,17 @@ from typing import Callable
 _registered: dict[str, list[Callable]] = defaultdict(list)
 
 
-def fire(name: str, **info) -> None:
-    """Call every function registered for `name` with the point's facts as keywords."""
-    for fn in list(_registered.get(name, ())):
+def fire(point: str, **info) -> None:
+    """Call every function registered for `point` with the point's facts as keywords."""
+    for fn in list(_registered.get(point, ())):
         fn(**info)
 
 
 @contextlib.contextmanager
-def on(name: str, fn: Callable):
-    """Register `fn` for the point `name` inside the block."""
-    _registered[name].append(fn)
+def on(point: str, fn: Callable):
+    """Register `fn` for `point` inside the block."""
+    _registered[point].append(fn)
     try:
         yield
     finally:
-        _registered[name].remove(fn)
+        _registered[point].remove(fn)

@@ -1,8 +1,16 @@
-"""Shared test set-up: never touch the network, keep runs small and deterministic."""
+"""Shared test set-up: never touch the network, keep runs small and deterministic, and write
+nothing into the checkout (the sdwork cache lives in a temporary folder for the session)."""
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
+# one cache for the whole session (notebook kernels inherit it), removed at exit
+_CACHE = tempfile.mkdtemp(prefix="sdwork-test-cache-")
+os.environ["SDWORK_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # before any Hugging Face import: their constants read the environment once
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

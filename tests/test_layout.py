@@ -72,3 +72,10 @@ def test_the_walk_sees_nested_and_aliased_imports(tmp_path):
 def test_the_front_door_has_what_a_notebook_needs():
     for name in ("Experiment", "GenSettings", "Recipe", "load_pipeline", "convert_pipeline", "SdworkError"):
         assert hasattr(sdwork, name), name
+
+
+def test_no_front_door_name_hides_a_module():
+    """`import sdwork.generate as g` must give the module: an exported function of the same name
+    would take its place as the package attribute."""
+    modules = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+    assert not modules & set(sdwork.__all__)

@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-import sdwork.pipeline as sp
+import sdwork.load as sl
+from sdwork import paths
 from sdwork.load import ModelNotFoundError, load_pipeline
-from sdwork.weights import round_weights_to_fp16, weights_hash
+from sdwork.weights import components, round_weights_to_fp16, weights_hash
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_hub_id_offline_says_to_download_or_pass_a_folder():
 
 
 def test_missing_embedded_model_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(sp, "TINY", tmp_path / "tiny-sd")
+    monkeypatch.setattr(paths, "TINY", tmp_path / "tiny-sd")
     with pytest.raises(ModelNotFoundError, match="python -m sdwork.tiny.train"):
         load_pipeline("tiny")
 
@@ -36,13 +37,13 @@ def test_missing_embedded_model_says_how_to_get_it(tmp_path, monkeypatch):
 def test_tiny_resolves_to_the_embedded_folder(random_pipe, tmp_path, monkeypatch):
     random_pipe.save_pretrained(tmp_path / "tiny-sd", safe_serialization=True)
     assert not list(tmp_path.rglob("*.bin"))  # safetensors only
-    monkeypatch.setattr(sp, "TINY", tmp_path / "tiny-sd")
-    assert sp.resolve_spec("tiny") == str(tmp_path / "tiny-sd")
+    monkeypatch.setattr(paths, "TINY", tmp_path / "tiny-sd")
+    assert sl.resolve_spec("tiny") == str(tmp_path / "tiny-sd")
     pipe = load_pipeline("tiny", progress=False)
     assert pipe.model_spec == "tiny" and weights_hash(pipe) == weights_hash(random_pipe)
 
 
-@pytest.mark.skipif(not (sp.TINY / "model_index.json").exists(), reason="data/models/tiny-sd not trained yet")
+@pytest.mark.skipif(not (paths.TINY / "model_index.json").exists(), reason="data/models/tiny-sd not trained yet")
 def test_the_real_embedded_model_loads():
     pipe = load_pipeline("tiny", progress=False)
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
@@ -59,7 +60,7 @@ def test_fp16_rounding_makes_every_weight_exact_in_fp16():
     before = weights_hash(pipe)
     round_weights_to_fp16(pipe)
     assert weights_hash(pipe) != before
-    for module in sp.components(pipe).values():
+    for module in components(pipe).values():
         for t in module.state_dict().values():
             if t.is_floating_point():
                 assert t.dtype == torch.float32 and torch.equal(t, t.half().float())

@@ -190,7 +190,6 @@ def trained(tmp_path_factory):
     return tmp / "work", tmp / "models"
 
 
-@pytest.mark.slow
 def test_training_writes_a_loadable_pipeline_and_scorer(trained):
     from sdwork.load import load_pipeline
 
@@ -202,7 +201,6 @@ def test_training_writes_a_loadable_pipeline_and_scorer(trained):
     assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors only
 
 
-@pytest.mark.slow
 def test_training_config_is_the_recipe_of_the_stage_stamps(trained):
     work, out = trained
     got = json.loads((out / "training_config.json").read_text())
@@ -214,7 +212,6 @@ def test_training_config_is_the_recipe_of_the_stage_stamps(trained):
     assert "ckpt_every" not in json.dumps(got)  # checkpointing does not change the weights
 
 
-@pytest.mark.slow
 def test_save_refuses_settings_the_weights_were_not_trained_with(trained):
     """`--stages save` with another value on the command line: the weights on disk were not
     trained with it, so save refuses rather than record a recipe that did not happen."""

@@ -1,14 +1,16 @@
 """Apply a Recipe to converted fp16 packages and write the compressed packages.
 
 Three engines, chosen by `recipe.engine`:
-  "coremltools"  ct.optimize.coreml.palettize_weights on the Core ML program (the reference);
-  "sdwork"       sdwork.kmeans1d.palettize_mlmodel, a faster drop-in for the same call;
+  "coremltools"  coremltools' palettize_weights pass on the Core ML program (the reference;
+                 LUTs bit-identical to ct.optimize.coreml.palettize_weights);
+  "sdwork"       the same pass with sdwork's exact k-means (sdwork.compress.palettize_fast);
   "torch"        coremltools.optimize.torch's PostTrainingPalettizer on the torch modules,
                  then conversion through sdwork.convert (the LUTs become constexpr ops).
 
-coremltools skips a weight it cannot palettize with only a log warning; we
-record those warnings and, from the written package, list every weight left
-dense with the reason (see `uncompressed_layers`).
+coremltools skips a weight it cannot palettize with only a log warning. Both Core ML
+engines run through a pass that records, per candidate const, whether it was palettized
+and if not why (`palettize_fast.REPORT_COLUMNS`); `uncompressed_layers` lists every weight
+the written package stores dense with the reason from that report.
 
 Only model weights are compressed, on every engine: a const that is no torch
 parameter (the text encoder's 1x1x77x77 causal mask) stays fp16. coremltools'
@@ -25,8 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
+
 from sdwork.convert.components import spec
-from sdwork.errors import ConfigError, EngineError, MismatchError, PackageError
+from sdwork.errors import ConfigError, EngineError, PackageError
 from sdwork.quiet import coremltools_progress
 from sdwork.compress.recipe import Recipe
 from sdwork.coreml.sizes import PackageSizes, package_sizes
@@ -43,7 +47,8 @@ class Compressed:
     recipe: Recipe
     packages: dict[str, Path]  # every component: compressed ones in out_dir, the others the fp16 originals
     sizes: dict[str, PackageSizes]
-    warnings: dict[str, list[str]] = field(default_factory=dict)  # engine log lines per component
+    # per component: the palettization pass's report, one row per candidate const (none for the torch engine)
+    reports: dict[str, pd.DataFrame] = field(default_factory=dict)
     seconds: float = 0.0  # wall clock of the engine
     cpu_seconds: float = 0.0  # CPU time of this process (all threads): comparable across machine loads
     not_weights: dict[str, tuple[str, ...]] = field(default_factory=dict)  # consts kept fp16: no model weight
@@ -66,18 +71,18 @@ def compress(recipe: Recipe, fp16_packages: dict[str, Path], out_dir, pipe=None,
     not_weights = {c: non_weight_consts(fp16_packages[c]) for c in recipe.components}
     t0, c0 = time.perf_counter(), time.process_time()
     if recipe.engine == "torch":
-        written, warnings = _compress_torch(recipe, pipe, out_dir, progress)
+        written, reports = _compress_torch(recipe, pipe, out_dir, progress), {}
     else:
-        written, warnings = {}, {}
+        written, reports = {}, {}
         for comp in recipe.components:
             dst = out_dir / spec(comp).package
-            warnings[comp] = _compress_coreml(recipe, fp16_packages[comp], dst, progress, not_weights[comp])
+            reports[comp] = _compress_coreml(recipe, fp16_packages[comp], dst, progress, not_weights[comp])
             _copy_sidecars(fp16_packages[comp], dst)
             written[comp] = dst
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     packages = {**fp16_packages, **written}
     sizes = {c: package_sizes(p) for c, p in packages.items()}
-    result = Compressed(recipe, packages, sizes, warnings, seconds, cpu, not_weights)
+    result = Compressed(recipe, packages, sizes, reports, seconds, cpu, not_weights)
     _check_something_compressed(result)
     return result
 
@@ -112,33 +117,25 @@ def non_weight_consts(package) -> tuple[str, ...]:
     return tuple(sorted(l.name for l in package_sizes(package).layers if l.name not in weights))
 
 
-def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool, keep_dense: tuple[str, ...]) -> list[str]:
+def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool, keep_dense: tuple[str, ...]) -> pd.DataFrame:
+    """Write the palettized package to dst; returns the pass's report."""
     import coremltools as ct
 
-    palettize = _engine_function(recipe.engine)
+    from sdwork.compress.palettize_fast import palettize_mlmodel_with_report
+
     ml = ct.models.MLModel(str(src), skip_model_load=True)
     config = recipe.to_coreml_config(keep_dense)
-    with _captured_log("coremltools") as lines, _omp_single_thread(), coremltools_progress(progress):
+    with _omp_single_thread(), coremltools_progress(progress):
         try:
-            out = palettize(ml, config, progress=progress) if recipe.engine == "sdwork" else palettize(ml, config)
+            out, report = palettize_mlmodel_with_report(ml, config, progress=progress, engine=recipe.engine)
         except NotImplementedError as e:
-            raise EngineUnavailableError(
-                f"engine 'sdwork' does not cover recipe {recipe.name}: {e}; run it with engine='coremltools'"
+            raise EngineError(
+                f"engine {recipe.engine!r} does not cover recipe {recipe.name}: {e}; run it with engine='coremltools'"
             ) from e
     if dst.exists():
         shutil.rmtree(dst)
     out.save(str(dst))
-    return lines
-
-
-def _engine_function(engine: str):
-    if engine == "coremltools":
-        import coremltools.optimize.coreml as cto
-
-        return cto.palettize_weights
-    from sdwork.compress.palettize_fast import palettize_mlmodel
-
-    return palettize_mlmodel
+    return report
 
 
 def _check_target(package: Path, recipe: Recipe) -> None:
@@ -175,22 +172,6 @@ def _copy_sidecars(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst.parent / f.name)
 
 
-class _captured_log:
-    """Collect a logger's records (coremltools reports skipped layers only as warnings)."""
-
-    def __init__(self, name: str):
-        self.logger, self.lines = logging.getLogger(name), []
-
-    def __enter__(self):
-        self.handler = logging.Handler(logging.WARNING)
-        self.handler.emit = lambda record: self.lines.append(record.getMessage())
-        self.logger.addHandler(self.handler)
-        return self.lines
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-
-
 def _omp_single_thread():
     """coremltools' k-means (scikit-learn) can hang with several OpenMP threads here."""
     from threadpoolctl import threadpool_limits
@@ -201,7 +182,7 @@ def _omp_single_thread():
 # --- torch side ---------------------------------------------------------------------
 
 
-def _compress_torch(recipe: Recipe, pipe, out_dir: Path, progress: bool):
+def _compress_torch(recipe: Recipe, pipe, out_dir: Path, progress: bool) -> dict[str, Path]:
     if pipe is None:
         raise ConfigError("engine 'torch' palettizes the torch modules: pass pipe= (the fp16-rounded pipeline)")
     from coremltools.optimize.torch.palettization import PostTrainingPalettizer
@@ -210,7 +191,7 @@ def _compress_torch(recipe: Recipe, pipe, out_dir: Path, progress: bool):
     from sdwork.convert.weightmap import WeightMapError
 
     work = copy.deepcopy(pipe)
-    with _captured_log("coremltools") as lines, _omp_single_thread(), _quiet_torch_kmeans(progress):
+    with _omp_single_thread(), _quiet_torch_kmeans(progress):
         for comp in recipe.components:
             module = getattr(work, spec(comp).module)
             skip = _small_modules(module, recipe.weight_threshold, spec(comp))
@@ -220,11 +201,11 @@ def _compress_torch(recipe: Recipe, pipe, out_dir: Path, progress: bool):
             written = convert_pipeline(work, out_dir, components=recipe.components, target="iOS18", progress=progress,
                                        source=pipe)
         except WeightMapError as e:
-            raise EngineUnavailableError(
+            raise EngineError(
                 "engine 'torch': sdwork.convert could not map the torch-side palettized weights "
                 f"(coremltools names their LUT ops <param>_cast_fp16). Cause: {e}. Use engine='coremltools' or 'sdwork'"
             ) from e
-    return {c: Path(written[c]) for c in recipe.components}, {c: list(lines) for c in recipe.components}
+    return {c: Path(written[c]) for c in recipe.components}
 
 
 @contextlib.contextmanager
@@ -277,32 +258,50 @@ def check_fits(recipe: Recipe, pipe) -> None:
 # --- what stayed dense, and why ----------------------------------------------------
 
 
+NOT_A_WEIGHT = "a constant, not a module weight (e.g. an attention mask): sdwork compresses model weights only"
+
+
 def uncompressed_layers(result: Compressed, weight_maps: dict[str, dict[str, str]] | None = None) -> list[dict]:
-    """Every weight of a compressed component still stored dense, with the reason."""
+    """Every weight of a compressed component still stored dense, with the kind and reason from
+    the palettization pass's report; derived from the recipe where no pass report exists."""
     recipe, out = result.recipe, []
     overrides = dict(recipe.overrides)
     for comp in recipe.components:
         names = {v: k for k, v in (weight_maps or {}).get(comp, {}).items()}
-        engine_msgs = _messages_by_op(result.warnings.get(comp, []))
+        report = result.reports.get(comp)
+        rows = None if report is None else report.set_index("op").to_dict("index")
+        not_weights = set(result.not_weights.get(comp, ()))
         for layer in result.sizes[comp].layers:
             if layer.compressed:
                 continue
-            not_weight = layer.name in result.not_weights.get(comp, ())
-            reason, kind = _reason(layer, recipe, overrides, engine_msgs, not_weight)
+            if rows is None:
+                reason, kind = _derived_reason(layer, recipe, overrides, layer.name in not_weights)
+            else:
+                reason, kind = _reported_reason(rows.get(layer.name), layer.name, overrides, not_weights)
             out.append(dict(component=comp, name=layer.name, torch_name=names.get(layer.name), shape=list(layer.shape),
                             numel=layer.numel, kind=kind, reason=reason))
     return out
 
 
-def _reason(layer, recipe: Recipe, overrides: dict, engine_msgs: dict, not_weight: bool) -> tuple[str, str]:
-    reason, kind = _derived_reason(layer, recipe, overrides, not_weight)
-    msgs = engine_msgs.get(layer.name)
-    if kind == "engine" and msgs:
-        return " ".join(msgs), kind
-    return (f"{reason} (engine: {msgs[0]})" if msgs else reason), kind
+def _reported_reason(row: dict | None, name: str, overrides: dict, not_weights: set) -> tuple[str, str]:
+    """(reason, kind) of a dense weight from its report row; a None config is named after where
+    the recipe put it (an override, or a const that is no model weight)."""
+    if row is None:
+        return "not a const the palettization pass considers (it palettizes float consts in the weight file)", \
+            "not_a_candidate"
+    if row["status"] == "palettized":
+        return "reported palettized by the pass, yet stored dense in the package", "engine"
+    if row["kind"] == "no_config" and name in overrides:
+        return "left fp16 by a recipe override", "override"
+    if row["kind"] == "no_config" and name in not_weights:
+        return NOT_A_WEIGHT, "not_a_weight"
+    return row["reason"], row["kind"]
 
 
 def _derived_reason(layer, recipe: Recipe, overrides: dict, not_weight: bool) -> tuple[str, str]:
+    """(reason, kind) worked out from the recipe and the layer's shape. Used where no pass report
+    exists: the torch engine palettizes in torch and a DKM package is trained, so no Core ML
+    palettization pass ran over the package."""
     if layer.name in overrides and overrides[layer.name] is None:
         return "left fp16 by a recipe override", "override"
     spec = overrides.get(layer.name)
@@ -312,15 +311,14 @@ def _derived_reason(layer, recipe: Recipe, overrides: dict, not_weight: bool) ->
     if layer.numel <= recipe.weight_threshold:
         return f"{layer.numel} elements <= weight_threshold {recipe.weight_threshold}", "below_threshold"
     if not_weight:
-        return "a constant, not a module weight (e.g. an attention mask): sdwork compresses model weights only", \
-            "not_a_weight"
+        return NOT_A_WEIGHT, "not_a_weight"
     axis = _output_axis(layer)
     channels = layer.shape[axis]
     if gran == "per_grouped_channel" and channels % group:
         return f"{channels} output channels not divisible by group_size {group}", "channels_not_divisible"
     if recipe.cluster_dim > 1 and channels % recipe.cluster_dim:
         return f"{channels} output channels not divisible by cluster_dim {recipe.cluster_dim}", "cluster_dim"
-    return f"left dense by engine '{recipe.engine}' without a logged reason", "engine"
+    return f"left dense by engine '{recipe.engine}' (no pass report to say why)", "engine"
 
 
 def _output_axis(layer) -> int:
@@ -331,19 +329,6 @@ def _output_axis(layer) -> int:
     if ("matmul", "y") in layer.consumers:
         return len(layer.shape) - 1
     return 0
-
-
-def _messages_by_op(lines: list[str]) -> dict[str, list[str]]:
-    """coremltools logs the reason first, then 'Cannot perform palettization on <op>': pair them."""
-    out, pending = {}, []
-    for line in lines:
-        if " on " in line and ("Skipped" in line or "Cannot" in line):
-            op = line.split(" on ", 1)[1].split()[0].rstrip(".")
-            out.setdefault(op.removesuffix("_palettized"), []).extend(pending + [line])
-            pending = []
-        elif "palettiz" in line.lower():
-            pending.append(line)
-    return out
 
 
 def summarise_uncompressed(layers: list[dict]) -> dict[str, dict]:

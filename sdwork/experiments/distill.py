@@ -17,12 +17,12 @@ it at every sampling step.
 from __future__ import annotations
 
 import hashlib
-
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from sdwork.errors import ConfigError
 from sdwork.io import digest
 
 TINY_SPECS = ("tiny", "tiny-random")
@@ -40,7 +40,7 @@ class Batch:
 def prompt_embeddings(pipe, prompts: list[str]) -> torch.Tensor:
     """Text encoder hidden states exactly as the pipeline computes them when generating."""
     if not prompts:
-        raise ValueError("no prompts: pass at least one prompt (or use the embedded model's captions)")
+        raise ConfigError("no prompts: pass at least one prompt (or use the embedded model's captions)")
     embeds, _ = pipe.encode_prompt(list(prompts), "cpu", 1, False)
     return embeds.float()
 
@@ -49,7 +49,7 @@ def default_prompts(pipe) -> list[str]:
     """The embedded model's training captions; other models need prompts from the user."""
     spec = getattr(pipe, "model_spec", None)
     if spec not in TINY_SPECS:
-        raise ValueError(
+        raise ConfigError(
             f"no default prompts for model {spec!r}: pass prompts=[...] (a few dozen prompts like the ones "
             "you will generate with) to distill from the teacher"
         )
@@ -80,9 +80,9 @@ class DistillData:
     def __init__(self, pipe, prompts: list[str] | None = None, batch: int = 32, seed: int = 0,
                  uncond_prob: float = 0.2):
         if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+            raise ConfigError(f"batch must be >= 1, got {batch}")
         if not 0.0 <= uncond_prob <= 1.0:
-            raise ValueError(f"uncond_prob must be in [0, 1], got {uncond_prob}")
+            raise ConfigError(f"uncond_prob must be in [0, 1], got {uncond_prob}")
         self.prompts = list(prompts) if prompts else default_prompts(pipe)
         self.cond = prompt_embeddings(pipe, self.prompts)
         self.uncond = prompt_embeddings(pipe, [""])[0]
@@ -116,7 +116,7 @@ class DatasetData:
         if images is None:
             images, captions = tiny_dataset(pipe, per_combo, seed)
         if captions is None or len(images) != len(captions):
-            raise ValueError("pass one caption per image (images (N, H, W, 3) uint8 and N captions)")
+            raise ConfigError("pass one caption per image (images (N, H, W, 3) uint8 and N captions)")
         self.mean, self.std = encode_images(pipe, images)
         self.scale = float(pipe.vae.config.scaling_factor)
         uniq = sorted(set(captions))
@@ -125,13 +125,13 @@ class DatasetData:
         self.uncond = prompt_embeddings(pipe, [""])[0]
         self.scheduler = _train_scheduler(pipe)
         self.batch_size, self.seed, self.uncond_prob = batch, seed, uncond_prob
-        self._data_hash = digest(dict(images=hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
-                                      captions=list(captions)))
+        self._dataset = digest(dict(images=hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest(),
+                                    shape=list(np.shape(images)), captions=list(captions)))
 
     def describe(self) -> dict:
         """What the batches depend on (a DKM run folder is keyed by it): the images and captions by hash."""
-        return dict(kind="dataset", data=self._data_hash, batch=self.batch_size, seed=self.seed,
-                    uncond_prob=self.uncond_prob)
+        return dict(kind="dataset", dataset=self._dataset, images=len(self.caption_idx), batch=self.batch_size,
+                    seed=self.seed, uncond_prob=self.uncond_prob)
 
     def batch(self, step: int) -> Batch:
         g = _generator(self.seed, step)
@@ -150,13 +150,13 @@ class DatasetData:
             return noise
         if kind == "v_prediction":
             return self.scheduler.get_velocity(z, noise, t)
-        raise ValueError(f"prediction_type {kind!r} is not supported for the dataset objective; use distillation")
+        raise ConfigError(f"prediction_type {kind!r} is not supported for the dataset objective; use distillation")
 
 
 def tiny_dataset(pipe, per_combo: int, seed: int) -> tuple[np.ndarray, list[str]]:
     """The embedded model's own data: rendered shapes of its training attribute combinations."""
     if getattr(pipe, "model_spec", None) not in TINY_SPECS:
-        raise ValueError(
+        raise ConfigError(
             f"the dataset objective without images= is only defined for the embedded model, not "
             f"{getattr(pipe, 'model_spec', None)!r}: pass images= and captions=, or use objective='distill'"
         )
@@ -171,7 +171,7 @@ def encode_images(pipe, images: np.ndarray, chunk: int = 128) -> tuple[torch.Ten
     """VAE posterior mean and std of uint8 (N, H, W, 3) images (unscaled latents)."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise ConfigError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     means, stds = [], []
     for i in range(0, len(images), chunk):
         x = torch.from_numpy(images[i : i + chunk]).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -4,13 +4,21 @@ Below 4 bits, post-training k-means palettization breaks images. DKM
 (coremltools.optimize.torch's DKMPalettizer, arXiv 2108.12659) fine-tunes the
 weights while they are softly assigned to their LUT entries, so the network
 learns to live with its palette. Here the UNet is fine-tuned by distillation
-from its own frozen fp16 copy (no dataset needed, see sdwork.distill), or with
-the standard noise-prediction loss on the embedded model's own images.
+from its own frozen fp16 copy (no dataset needed, see sdwork.experiments.distill), or
+with the standard noise-prediction loss on the embedded model's own images.
 
     s = DKMSettings(nbits=2, steps=100)
-    run = train(pipe, s, "runs/dkm/km2")        # checkpoints, resume, loss.csv
+    c = compare(exp, s)                         # exp: an Experiment; the post-training row and the DKM row
+    c.table                                     # the two rows side by side (method column)
+
+    run = train(pipe, s, "runs/dkm/km2")        # by hand: checkpoints, resume, loss.csv
     pkg = convert(pipe, run.unet, "runs/dkm/km2/package", s)   # LUT ops kept
-    check_luts(pkg, run, s)                     # really palettized, as expected
+    check_luts(pkg, run)                        # really palettized, as expected
+
+A run folder belongs to one set of settings and inputs (model, weights, training data): train()
+stamps settings.json with them and refuses a folder made from others, so a run trained on other
+prompts or images is never resumed or reused. The hook point "checkpoint_saved" (stage="dkm",
+step=) fires after each checkpoint (sdwork.hooks: where a test injects a crash).
 
 Memory: DKM keeps an (N x 2^nbits) attention matrix per layer in autograd, for
 N weights. That is fine for the embedded UNet (5.8 M weights) on a CPU; a
@@ -20,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import resource
@@ -34,8 +41,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sdwork import hooks
+from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, _check_lut, implied_granularity
+from sdwork.errors import ConfigError, MismatchError, PackageError
 from sdwork.generate import torch_threads
-from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, _check_lut
+from sdwork.io import as_json, digest, write_json
 
 OBJECTIVES = ("distill", "dataset")
 INITS = ("auto", "exact", "kmeans++")
@@ -48,7 +58,7 @@ SETTINGS = "settings.json"
 @dataclass(frozen=True)
 class DKMSettings:
     nbits: int = 2
-    granularity: str = "per_tensor"
+    granularity: str | None = None  # None: per_grouped_channel when group_size is given, else per_tensor
     group_size: int | None = None  # output channels per LUT (per_grouped_channel)
     cluster_dim: int = 1
     weight_threshold: int = DEFAULT_WEIGHT_THRESHOLD  # weights with more elements are palettized
@@ -69,22 +79,23 @@ class DKMSettings:
     ckpt_every: int = 50
 
     def __post_init__(self):
+        object.__setattr__(self, "granularity", implied_granularity(self.granularity, self.group_size))
         _check_lut(self.nbits, self.granularity, self.group_size, self.cluster_dim, what="DKM settings")
         for name in ("steps", "batch", "kmeans_iters", "kmeans_n_init", "threads", "ckpt_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+                raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0 <= self.milestone < self.steps:
-            raise ValueError(f"milestone must be in [0, steps={self.steps}), got {self.milestone}: "
+            raise ConfigError(f"milestone must be in [0, steps={self.steps}), got {self.milestone}: "
                              "palettization has to start before training ends")
         if not (self.lr > 0 and self.tau > 0):
-            raise ValueError(f"lr and tau must be > 0, got lr={self.lr}, tau={self.tau}")
+            raise ConfigError(f"lr and tau must be > 0, got lr={self.lr}, tau={self.tau}")
         if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
         if self.init == "exact" and self.cluster_dim > 1:
-            raise ValueError("init='exact' is 1-D k-means: use init='kmeans++' (or 'auto') with cluster_dim > 1")
+            raise ConfigError("init='exact' is 1-D k-means: use init='kmeans++' (or 'auto') with cluster_dim > 1")
         if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
     def recipe(self, engine: str = "coremltools") -> Recipe:
         """The post-training recipe with the same LUTs: what DKM is compared against."""
@@ -101,7 +112,7 @@ class DKMSettings:
         changed = {k: v for k, v in self.to_dict().items() if k not in lut and v != _DEFAULTS[k]}
         if not changed:
             return base
-        return f"{base}-{hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:6]}"
+        return f"{base}-{digest(changed, n=6)}"
 
     @property
     def min_target(self) -> str:
@@ -114,7 +125,7 @@ class DKMSettings:
     def from_dict(cls, d: dict) -> "DKMSettings":
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown DKM setting(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+            raise ConfigError(f"unknown DKM setting(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
         return cls(**d)
 
 
@@ -153,7 +164,7 @@ def prepare_student(unet: torch.nn.Module, s: DKMSettings):
     skipped = [dict(module=n, shape=list(shape), reason=_skip_reason(shape, s))
                for n, shape in expected.items() if n not in prepared]
     if not prepared:
-        raise ValueError(f"no layer of the UNet is palettized with {s}: check weight_threshold and group_size")
+        raise ConfigError(f"no layer of the UNet is palettized with {s}: check weight_threshold and group_size")
     return student, palettizer, skipped
 
 
@@ -215,7 +226,7 @@ class DKMRun:
     cpu_seconds: float  # CPU time of the same: what the run costs on a machine shared with other jobs
     peak_rss_bytes: int  # the process's resident-memory high-water mark after training
     resumed_from: int = 0
-    extra: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)  # what the run depends on besides settings: model, weights, data
 
 
 def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=None,
@@ -224,14 +235,17 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
 
     Rounds pipe's weights to fp16 in place (the baseline every variant is scored
     against): the student starts from, and the teacher is, that fp16 UNet.
-    `data` overrides the batches (an object with .batch(step) -> distill.Batch).
+    `data` overrides the batches: an object with .batch(step) -> distill.Batch and .describe()
+    -> what the batches depend on. The run folder is claimed for the settings, the model, its
+    weights and that description (see _claim_run_dir) before any training.
     """
     from sdwork.weights import round_module_to_fp16, round_weights_to_fp16
 
     run_dir = Path(run_dir)
     round_weights_to_fp16(pipe)
     data = data or _make_data(pipe, s, prompts)
-    _claim_run_dir(run_dir, s, _inputs(pipe, data, model))
+    inputs = _inputs(pipe, data, model)
+    _claim_run_dir(run_dir, s, inputs)
     teacher = copy.deepcopy(pipe.unet).float().eval().requires_grad_(False)
     with torch_threads(s.threads), _forked_rng(s.seed):
         student, palettizer, skipped = prepare_student(pipe.unet, s)
@@ -244,6 +258,7 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
             bar.set_postfix(loss=f"{losses[-1][1]:.4g}")
             if (step + 1) % s.ckpt_every == 0 or step + 1 == s.steps:
                 _save_checkpoint(run_dir, student, opt, step + 1, losses)
+                hooks.fire("checkpoint_saved", stage="dkm", step=step + 1)
         seconds = time.perf_counter() - t0 if start < s.steps else 0.0
         cpu = time.process_time() - c0 if start < s.steps else 0.0
         with _quiet_coremltools():
@@ -251,7 +266,7 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
             unet = round_module_to_fp16(palettizer.finalize(inplace=True).eval())
     table = pd.DataFrame(losses, columns=["step", "loss", "seconds"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    return DKMRun(s, run_dir, unet, table, skipped, seconds, cpu, peak, resumed_from=start)
+    return DKMRun(s, run_dir, unet, table, skipped, seconds, cpu, peak, resumed_from=start, inputs=inputs)
 
 
 def _make_data(pipe, s: DKMSettings, prompts):
@@ -260,7 +275,7 @@ def _make_data(pipe, s: DKMSettings, prompts):
     if s.objective == "distill":
         return distill.DistillData(pipe, prompts, batch=s.batch, seed=s.seed, uncond_prob=s.uncond_prob)
     if prompts:
-        raise ValueError("objective='dataset' trains on the dataset's captions; prompts= only applies to 'distill'")
+        raise ConfigError("objective='dataset' trains on the dataset's captions; prompts= only applies to 'distill'")
     return distill.DatasetData(pipe, batch=s.batch, seed=s.seed, uncond_prob=s.uncond_prob)
 
 
@@ -292,34 +307,50 @@ def _lr_at(step: int, s: DKMSettings) -> float:
 
 # ---------------------------------------------------------------- checkpoints
 def _inputs(pipe, data, model: str | None) -> dict:
-    """What a run's weights depend on besides its settings: the model's weights and the data
-    (the prompts or dataset the batches come from, as the data object describes itself)."""
+    """What a run's weights depend on besides its settings: the model, its weights and the data
+    (the prompts or images the batches come from, as the data object describes itself)."""
     from sdwork.weights import weights_hash
 
-    describe = getattr(data, "describe", None)
-    return dict(model=model or getattr(pipe, "model_spec", None), weights_hash=weights_hash(pipe),
-                data=describe() if describe else type(data).__name__)
+    if not callable(getattr(data, "describe", None)):
+        raise ConfigError(f"data= ({type(data).__name__}) has no describe(): give it one returning what its batches "
+                          "depend on (a DKM run folder is keyed by it), as sdwork.experiments.distill's data do")
+    return as_json(dict(model=model or getattr(pipe, "model_spec", None), weights_hash=weights_hash(pipe),
+                        data=data.describe()))
 
 
 def _claim_run_dir(run_dir: Path, s: DKMSettings, inputs: dict) -> None:
-    """A run folder belongs to one set of settings, model and data: resuming with others would mix
-    two runs. Only ckpt_every may change; steps only before the first checkpoint (the
-    learning-rate schedule depends on the total)."""
-    from sdwork.errors import MismatchError
-    from sdwork.io import as_json, differences, write_json
-
+    """A run folder belongs to one set of settings, model, weights and data: resuming (or reading
+    back) a run made from others would mix two runs, so it is refused, naming each difference
+    (e.g. 'inputs.data.prompts'). Only ckpt_every may change; steps only before the first
+    checkpoint (the learning-rate schedule depends on the total)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / SETTINGS
     want = as_json(dict(s.to_dict(), inputs=inputs))
     if path.exists():
-        have = json.loads(path.read_text())
         free = ("ckpt_every",) if (run_dir / CHECKPOINT).exists() else ("ckpt_every", "steps")
-        diff = differences({k: v for k, v in have.items() if k not in free},
-                           {k: v for k, v in want.items() if k not in free})
+        have, new = _flat(json.loads(path.read_text())), _flat(want)
+        diff = [f"{k}: {_brief(have.get(k))} -> {_brief(new.get(k))}" for k in sorted(set(have) | set(new))
+                if k not in free and have.get(k) != new.get(k)]
         if diff:
             raise MismatchError(f"{run_dir} holds a DKM run made with other settings, model or data "
                                 f"({'; '.join(diff)}); pass a new run_dir, or delete this one to start over")
     write_json(path, want)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{'inputs.data.prompts': [...], ...}: nested stamps flattened, so a difference names its field."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _brief(v, width: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _save_checkpoint(run_dir: Path, student, opt, step: int, losses: list) -> None:
@@ -360,7 +391,7 @@ def plot_losses(losses: pd.DataFrame, title: str = "", smooth: float = 0.9):
     import matplotlib.pyplot as plt
 
     if losses.empty:
-        raise ValueError("no losses to plot: the run has no training step yet")
+        raise ConfigError("no losses to plot: the run has no training step yet")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(losses["step"], losses["loss"], color="tab:blue", alpha=0.3, lw=0.8, label="per step")
     ax.plot(losses["step"], losses["loss"].ewm(alpha=1 - smooth).mean(), color="tab:blue", label="moving average")
@@ -378,7 +409,7 @@ def load_losses(run_dir) -> pd.DataFrame:
     """The loss curve of a run folder (written at every checkpoint)."""
     path = Path(run_dir) / LOSSES
     if not path.exists():
-        raise FileNotFoundError(f"no loss curve at {path}: train first (sdwork.dkm.train)")
+        raise FileNotFoundError(f"no loss curve at {path}: train first (sdwork.experiments.dkm.train)")
     return pd.read_csv(path)
 
 
@@ -402,11 +433,11 @@ def check_target(target: str, s: DKMSettings) -> None:
 
     known = [t.name for t in ct.target if t.name.startswith("iOS")]
     if target not in known:
-        raise ValueError(f"unknown deployment target {target!r}; choose from {', '.join(known)}")
+        raise ConfigError(f"unknown deployment target {target!r}; choose from {', '.join(known)}")
     need = s.min_target
     if getattr(ct.target, target).value < getattr(ct.target, need).value:
         why = "per-grouped-channel LUTs, 3-bit or vector LUTs need iOS18" if need == "iOS18" else "LUT ops need iOS16"
-        raise ValueError(
+        raise ConfigError(
             f"target {target} cannot hold the DKM palettes: below {need} coremltools silently converts the "
             f"palettized weights to dense fp16 ({why}). Use target='{need}' or later"
         )
@@ -420,7 +451,7 @@ def convert(pipe, unet: torch.nn.Module, out_dir, s: DKMSettings, target: str | 
     target = target or s.min_target
     check_target(target, s)
     if not any("_COREML_" in k for k, _ in unet.named_buffers()):
-        raise ValueError("this UNet carries no palettization metadata: pass DKMRun.unet (finalized by sdwork.dkm.train)")
+        raise ConfigError("this UNet carries no palettization metadata: pass DKMRun.unet (finalized by sdwork.experiments.dkm.train)")
     source = copy.copy(pipe)  # the packages are tied to the fp16 model, not to the DKM weights
     with _swapped(pipe, "unet", unet):
         paths = convert_pipeline(pipe, out_dir, components=("unet",), target=target, progress=progress, source=source)
@@ -467,18 +498,19 @@ def check_luts(package, run: DKMRun) -> pd.DataFrame:
         if not ok:
             bad.append(name)
     if bad:
-        raise ValueError(f"{package}: {len(bad)} DKM-palettized weight(s) are not stored as the expected LUT "
+        raise PackageError(f"{package}: {len(bad)} DKM-palettized weight(s) are not stored as the expected LUT "
                          f"(e.g. {bad[0]}); the conversion dropped the palettization metadata")
     return pd.DataFrame(rows)
 
 
 # ---------------------------------------------------------------- results row
 def run_variant(exp, s: DKMSettings, prompts: list[str] | None = None, target: str | None = None):
-    """Train (or resume) on `exp`'s fp16 pipeline, convert with LUTs, verify them, and score the
-    package like every variant of `exp` (sdwork.Experiment): (Variant, DKMRun). A row already in
-    the results (same key) is read back; the training run resumes or is complete either way."""
+    """Train (or resume) on `exp`'s fp16 pipeline in exp.out/dkm/<s.name>, convert with LUTs, verify
+    them, and score the package like every variant of `exp` (sdwork.Experiment): (Variant, DKMRun).
+    A row already in the results (same key) is read back; the training run resumes or is complete
+    either way."""
     run = train(exp.pipe, s, exp.out / "dkm" / s.name, prompts=prompts, progress=exp.progress, model=exp.model)
-    key = row_key(exp, s, prompts)
+    key = row_key(exp, run)
     if key in exp.done():
         return exp.recorded(key), run
     package = convert(exp.pipe, run.unet, exp.out / "variants" / s.name, s, target, exp.progress)
@@ -497,11 +529,45 @@ def compressed(exp, run: DKMRun, package: Path):
 
 
 def _columns(run: DKMRun) -> dict:
-    return dict(method="dkm", engine="dkm", overrides={}, dkm=run.settings.to_dict(), train_s=round(run.seconds, 3),
-                train_cpu_s=round(run.cpu_seconds, 3), peak_rss_bytes=run.peak_rss_bytes,
+    return dict(method="dkm", engine="dkm", overrides={}, dkm=run.settings.to_dict(), dkm_data=run.inputs.get("data"),
+                train_s=round(run.seconds, 3), train_cpu_s=round(run.cpu_seconds, 3),
+                peak_rss_bytes=run.peak_rss_bytes,
                 final_loss=float(run.losses["loss"].tail(10).mean()) if len(run.losses) else None)
 
 
-def row_key(exp, s: DKMSettings, prompts: list[str] | None = None) -> str:
-    """The experiment's row key with the DKM training settings (and prompts) in what it depends on."""
-    return exp.key(s.recipe(), dkm=s.to_dict(), prompts=prompts)
+def row_key(exp, run: DKMRun) -> str:
+    """The experiment's row key with what the DKM weights depend on: the training settings and the
+    data they were trained on (the run's own description of its prompts or images)."""
+    return exp.key(run.settings.recipe(), dkm=run.settings.to_dict(), data=run.inputs.get("data"))
+
+
+# ---------------------------------------------------------------- DKM vs post-training
+COMPARE_COLUMNS = ("name", "method", "bits_per_weight", "size_bytes", "size_ratio", "lut_count", "psnr", "ssim",
+                   "clip_image_image", "clip_text_image", "train_s")
+
+
+@dataclass
+class Comparison:
+    """DKM against post-training palettization with the same LUTs, both rows of one experiment."""
+
+    table: pd.DataFrame  # the two rows side by side: method 'post-training', then 'dkm'
+    run: DKMRun  # the training run (losses, time, memory, layers DKM left dense)
+    ptq: object  # the post-training Variant (images, row)
+    dkm: object  # the DKM Variant
+    luts: pd.DataFrame  # check_luts of the DKM package: every palettized weight a LUT op as set
+
+
+def compare(exp, s: DKMSettings, ptq_engine: str = "sdwork", prompts: list[str] | None = None,
+            target: str | None = None) -> Comparison:
+    """The post-training recipe of `s` (s.recipe(ptq_engine)) through exp.run, then DKM trained or
+    resumed (run_variant), its package's LUTs checked: what notebook 04 and benchmarks/dkm_vs_ptq.py
+    compare. `prompts`: the distillation prompts (None: the embedded model's captions)."""
+    from sdwork.convert.components import spec
+
+    ptq = exp.run(s.recipe(ptq_engine), columns=dict(method="post-training"))
+    variant, run = run_variant(exp, s, prompts, target)
+    luts = check_luts(Path(exp.out) / variant.row["packages"] / spec("unet").package, run)
+    # the post-training recipe may have been measured before under another method (a sweep, a study)
+    table = pd.DataFrame([dict(ptq.row, method="post-training"), dict(variant.row, method="dkm")])
+    table = table[[c for c in COMPARE_COLUMNS if c in table]]
+    return Comparison(table, run, ptq, variant, luts)

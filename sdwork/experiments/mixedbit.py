@@ -1,4 +1,4 @@
-"""Mixed-bit palettization recipes from a per-layer sensitivity table (sdwork.sensitivity).
+"""Mixed-bit palettization recipes from a per-layer sensitivity table (sdwork.experiments.sensitivity).
 
 Two ways to give every layer its own LUT (bits x granularity, or fp16):
 
@@ -13,25 +13,36 @@ Two ways to give every layer its own LUT (bits x granularity, or fp16):
           per byte saved, until the budget is met, then spend what is left on the
           upgrades that buy the most drift per byte.
 
-Sizes are exact weight.bin bytes (sdwork.sizes' formula per layer, plus the bytes of
-everything else in the package), so "average bits" is the sweep's bits_per_weight.
-An allocation becomes a sdwork.recipe.Recipe with per-layer overrides keyed by the
-Core ML const names of the conversion weight map, and runs through the sweep engine.
+Sizes are exact weight.bin bytes (sdwork.coreml.sizes' formula per layer, plus the bytes of
+everything else in the package), so "average bits" is the results' bits_per_weight.
+An allocation becomes a Recipe with per-layer overrides keyed by the Core ML const names of
+the conversion weight map, and runs through `Experiment.run` like any other recipe.
+
+`study(exp, SensitivityConfig(...))` is the whole comparison notebook 03 and
+benchmarks/mixed_bit.py run: uniform recipes, the sensitivity analysis, Apple's cumulative
+pass, the recipe curve and the mixed recipes no larger than the uniform ones, every variant
+a row of `exp`'s results.
 """
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, LayerSpec, Recipe
+from sdwork import validate
+from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, NBITS, LayerSpec, Recipe
+from sdwork.errors import ConfigError, MismatchError
 from sdwork.experiments.sensitivity import FP16, Layer, candidate_name, parse_candidate
 
 OBJECTIVES = ("latent_mse", "image_mse")
+METHODS = ("greedy", "apple")
+CURVE = "curve.csv"
 
 
 # --- what a layer can become --------------------------------------------------------
@@ -51,9 +62,10 @@ def layer_options(table: pd.DataFrame, objective: str = "latent_mse", allow_fp16
     last_layer: the layer holding the package's final blob (SizeModel.last_layer), whose last
     blob is not padded: its bytes are corrected so that sizes stay exact."""
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        raise ConfigError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if table.empty:
-        raise ValueError("the sensitivity table is empty: run sdwork.sensitivity.Sensitivity(...).run() first")
+        raise ConfigError("the sensitivity table is empty: run sdwork.experiments.sensitivity.Sensitivity(...).run() "
+                          "first")
     out: dict[str, list[Option]] = {}
     for layer, part in table.groupby("layer", sort=False):
         opts = [Option(r.candidate, int(r.bytes), max(float(getattr(r, objective)), 0.0)) for r in part.itertuples()]
@@ -86,12 +98,12 @@ def allocation(options: dict[str, list[Option]], choice: dict[str, str], method:
     """An allocation chosen by hand: {layer: candidate name} for every layer of `options`."""
     missing = sorted(set(options) - set(choice))
     if missing:
-        raise ValueError(f"no candidate chosen for {missing[:3]}; give one for every analysed layer")
+        raise ConfigError(f"no candidate chosen for {missing[:3]}; give one for every analysed layer")
     picked = {}
     for l, c in choice.items():
         by = {o.candidate: o for o in options.get(l, [])}
         if c not in by:
-            raise ValueError(f"{c!r} is not a measured candidate of {l}; choose from {sorted(by)}")
+            raise ConfigError(f"{c!r} is not a measured candidate of {l}; choose from {sorted(by)}")
         picked[l] = by[c]
     return _allocation(method, options, picked)
 
@@ -132,12 +144,12 @@ def greedy(options: dict[str, list[Option]], budget_bytes: int | None = None, ma
     bytes has no less predicted drift): every layer sits where its hull slope brackets one common
     price per byte, the Lagrangian argument."""
     if (budget_bytes is None) == (max_drift is None):
-        raise ValueError("give exactly one of budget_bytes or max_drift")
+        raise ConfigError("give exactly one of budget_bytes or max_drift")
     hulls = {l: lower_hull(o) for l, o in options.items()}
     if budget_bytes is not None:
         smallest = sum(h[-1].bytes for h in hulls.values())
         if budget_bytes < smallest:
-            raise ValueError(f"budget of {budget_bytes} bytes is below the smallest possible allocation "
+            raise ConfigError(f"budget of {budget_bytes} bytes is below the smallest possible allocation "
                              f"({smallest} bytes, every layer at its smallest candidate); raise the target bits")
     pos = {l: 0 for l in hulls}
     total, drift = sum(h[0].bytes for h in hulls.values()), sum(h[0].drift for h in hulls.values())
@@ -198,14 +210,14 @@ def apple(options: dict[str, list[Option]], cumulative: pd.DataFrame, threshold:
         fp16 = next((o for o in opts if o.candidate == FP16), None)
         pick = next((o for o in opts if o.candidate != FP16 and cum.get((o.candidate, l), -math.inf) > threshold), fp16)
         if pick is None:
-            raise ValueError(f"layer {l} meets no candidate at threshold {threshold} and fp16 is not allowed")
+            raise ConfigError(f"layer {l} meets no candidate at threshold {threshold} and fp16 is not allowed")
         choice[l] = pick
     return _allocation("apple", options, choice, threshold=threshold)
 
 
 def _cumulative_lookup(cumulative: pd.DataFrame, metric: str) -> dict[tuple[str, str], float]:
     if cumulative.empty:
-        raise ValueError("no cumulative pass: run Sensitivity(...).run_cumulative() first (Apple's method needs it)")
+        raise ConfigError("no cumulative pass: run Sensitivity(...).run_cumulative() first (Apple's method needs it)")
     return {(r.candidate, r.layer): float(getattr(r, metric)) for r in cumulative.itertuples()}
 
 
@@ -217,7 +229,7 @@ def apple_for_budget(options: dict[str, list[Option]], cumulative: pd.DataFrame,
     thresholds = [-math.inf] + [float(np.nextafter(v, -math.inf)) for v in values]
     first = apple(options, cumulative, thresholds[0], metric)
     if first.bytes > budget_bytes:
-        raise ValueError(f"even the smallest Apple recipe takes {first.bytes} bytes, above the budget of "
+        raise ConfigError(f"even the smallest Apple recipe takes {first.bytes} bytes, above the budget of "
                          f"{budget_bytes}; raise the target bits")
     lo, hi = 0, len(thresholds) - 1  # invariant: thresholds[lo] fits
     while lo < hi:
@@ -281,7 +293,7 @@ def size_model(fp16_package, consts: dict[str, str], rest: LayerSpec | None = No
     by_name = {l.name: l for l in sizes.layers}
     missing = [c for c in consts.values() if c not in by_name]
     if missing:
-        raise ValueError(f"consts {missing[:3]} are not weights of {fp16_package}; is it the package of this model?")
+        raise MismatchError(f"consts {missing[:3]} are not weights of {fp16_package}; is it the package of this model?")
     # the file's final blob is not padded to 64 bytes: find who holds it (compression keeps the op order)
     last = max((l for l in sizes.layers if l.offsets), key=lambda l: max(l.offsets)).name
     fixed = sizes.weight_bin_bytes - sum(by_name[c].file_bytes for c in set(consts.values()))
@@ -332,12 +344,12 @@ def to_recipe(allocation: Allocation, consts: dict[str, str], component: str = "
     specs = {consts[l]: s for l, s in allocation.specs().items()}
     counts = Counter(candidate_name(s) for s in specs.values() if s is not None)
     if not counts:
-        raise ValueError("every layer of this allocation is fp16: nothing to palettize; lower the target")
+        raise ConfigError("every layer of this allocation is fp16: nothing to palettize; lower the target")
     base = parse_candidate(counts.most_common(1)[0][0])
     overrides = {c: s for c, s in specs.items() if s != base}
     overrides.update({c: rest for c in rest_consts if c not in specs and rest != base})
-    return Recipe(nbits=base.nbits, granularity=base.granularity, group_size=base.group_size,
-                  components=(component,), engine=engine, weight_threshold=weight_threshold, overrides=overrides)
+    return Recipe(nbits=base.nbits, group_size=base.group_size, components=(component,), engine=engine,
+                  weight_threshold=weight_threshold, overrides=overrides)
 
 
 # --- measuring recipes in torch -------------------------------------------------------
@@ -353,7 +365,7 @@ def allocate(method: str, options, budget_bytes: int, cumulative: pd.DataFrame |
         return greedy(options, budget_bytes=budget_bytes)
     if method == "apple":
         return apple_for_budget(options, cumulative if cumulative is not None else pd.DataFrame(), budget_bytes)
-    raise ValueError(f"method must be 'greedy' or 'apple', got {method!r}")
+    raise ConfigError(f"method must be 'greedy' or 'apple', got {method!r}")
 
 
 def describe(allocation: Allocation, sizes: SizeModel, measured: dict | None = None) -> dict:
@@ -379,7 +391,7 @@ def recipe_curve(sens, options, sizes: SizeModel, bits=(2.5, 3.0, 3.5, 4.0, 5.0,
         else:
             try:
                 alloc = allocate(method, options, sizes.budget(arg), cumulative)
-            except ValueError as e:  # a target below what the candidates can reach: reported, not hidden
+            except ConfigError as e:  # a target below what the candidates can reach: reported, not hidden
                 rows.append(dict(method=method, target_bits=arg, error=str(e)))
                 continue
             alloc.extra["target_bits"] = arg
@@ -394,7 +406,7 @@ def psnr_drift_budget(sens, psnr: float, metric: str = "latent_psnr") -> float:
         return (peak / 10 ** (psnr / 20)) ** 2
     if metric == "image_psnr":
         return 255.0**2 / 10 ** (psnr / 10)
-    raise ValueError(f"metric must be 'latent_psnr' or 'image_psnr', got {metric!r}")
+    raise ConfigError(f"metric must be 'latent_psnr' or 'image_psnr', got {metric!r}")
 
 
 def greedy_for_psnr(sens, options, target: float, metric: str = "latent_psnr", tries: int = 6
@@ -415,12 +427,12 @@ def greedy_for_psnr(sens, options, target: float, metric: str = "latent_psnr", t
             hi = budget
             budget = budget / 4 if lo is None else math.sqrt(lo * budget)
     if best is None:
-        raise ValueError(f"no greedy recipe reached {metric} >= {target} in {tries} tries; lower the target")
+        raise ConfigError(f"no greedy recipe reached {metric} >= {target} in {tries} tries; lower the target")
     best[0].extra.update(target=target, target_metric=metric)
     return best
 
 
-# --- through the sweep engine: exact packages, rows in the sweep's results table -------
+# --- through Experiment.run: exact packages, rows in the experiment's results --------
 
 
 def recipe_for(allocation: Allocation, consts: dict[str, str], fp16_package, component: str = "unet",
@@ -431,9 +443,8 @@ def recipe_for(allocation: Allocation, consts: dict[str, str], fp16_package, com
 
 
 def uniform_recipe(nbits: int, group_size: int | None = None, component: str = "unet", engine: str = "sdwork") -> Recipe:
-    gran = dict(granularity="per_tensor") if group_size is None else dict(granularity="per_grouped_channel",
-                                                                           group_size=group_size)
-    return Recipe(nbits=nbits, **gran, components=(component,), engine=engine)
+    """Every weight of `component` at `nbits` (group_size None: per-tensor): what mixed recipes are compared with."""
+    return Recipe(nbits=nbits, group_size=group_size, components=(component,), engine=engine)
 
 
 def mixed_recipes(sens, table: pd.DataFrame, fp16_package, weight_map: dict[str, str], budgets: dict,
@@ -459,15 +470,124 @@ def mixed_recipes(sens, table: pd.DataFrame, fp16_package, weight_map: dict[str,
 
 
 def add_rows(exp, entries, progress: bool = True) -> pd.DataFrame:
-    """Run each (Recipe, extra columns) through `exp.run` with a label of its method and target, so a
-    mixed recipe that equals a uniform one still gets its own row (measured once); extra columns
-    (method, target, prediction) join the row. Returns the experiment's results."""
+    """Run each (Recipe, extra columns) through `exp.run`; the extra columns (method, target,
+    prediction) join the row. A mixed recipe is labelled by its method, objective and target
+    (row_label), so one that equals a uniform recipe, or another method's, still gets its own row:
+    measured once, the later row copies the measurement and names the first in `same_as`.
+    Returns these entries' rows, in order."""
     from tqdm.auto import tqdm
 
+    rows = []
     for recipe, extra in tqdm(entries, desc="variants", unit="variant", disable=not progress):
-        label = " ".join(str(extra[k]) for k in ("method", "target") if extra.get(k) is not None) or None
-        exp.run(recipe, label=label if extra.get("method") != "uniform" else None, columns=extra)
-    return exp.results()
+        rows.append(exp.run(recipe, label=row_label(extra), columns=extra).row)
+    return pd.DataFrame(rows)
+
+
+def row_label(extra: dict) -> str | None:
+    """'greedy image_mse 4-bit', 'apple 4-bit'; None for a uniform recipe (its row is the recipe's own)."""
+    method = extra.get("method")
+    if method in (None, "uniform"):
+        return None
+    parts = [method, extra.get("objective") if method == "greedy" else None, extra.get("target")]
+    return " ".join(str(p) for p in parts if p is not None)
+
+
+# --- the whole study ----------------------------------------------------------------
+
+
+@dataclass
+class Study:
+    """What `study` measured; every variant is also a row of the experiment's results file."""
+
+    results: pd.DataFrame  # the study's rows: uniform recipes first, then the mixed ones (method column)
+    sensitivity: pd.DataFrame  # one row per (layer, candidate), each layer palettized alone
+    cumulative: pd.DataFrame | None  # Apple's cumulative pass (None without the 'apple' method)
+    curve: pd.DataFrame  # average bits of the analysed layers against the probe's measured drift
+    layers: int  # layers analysed
+    seconds: dict = field(default_factory=dict)  # wall time of each phase in this call
+
+    @property
+    def same_as(self) -> pd.DataFrame:
+        """Rows whose recipe was already measured under another name (copied, not measured again)."""
+        if "same_as" not in self.results:
+            return self.results.iloc[0:0]
+        return self.results[self.results["same_as"].notna()]
+
+
+def study(exp, sensitivity, match_bits=(4, 3), match_group: int | None = 16, methods=METHODS,
+          objective="image_mse", curve_bits=(2.5, 3.0, 3.5, 4.0, 5.0, 6.0), apple_per_tensor: bool = True,
+          engine: str = "sdwork", progress: bool = True) -> Study:
+    """Mixed-bit against uniform palettization of the UNet at equal or smaller size, in `exp`'s folder.
+
+    1. uniform recipes: `match_bits` bits, per-tensor and with group size `match_group` (None: per-tensor
+       only), through `exp.run` (method 'uniform');
+    2. the sensitivity analysis of `sensitivity` (a SensitivityConfig; its model is `exp`'s) on exp.pipe,
+       cached in exp.out (a rerun only measures what is missing);
+    3. Apple's cumulative pass when 'apple' is in `methods` (per-tensor candidates only with
+       `apple_per_tensor`, as Apple's scripts);
+    4. the recipe curve at `curve_bits` average bits (measured in torch by the probe; () skips it),
+       written to exp.out/curve.csv;
+    5. per bit width, the mixed recipes of each method no larger than the smaller uniform package
+       (layers not analysed take the uniform per-tensor LUT), through `exp.run` with a label.
+
+    `objective` (the greedy's additive drift) may name several: one greedy recipe per objective and
+    budget, Apple's recipes once."""
+    from sdwork.experiments.sensitivity import Sensitivity
+
+    methods = _methods(methods)
+    objectives = _objectives(objective)
+    match_bits = validate.sequence("match_bits", match_bits, lambda w, b: validate.choice(w, b, NBITS), "[4, 3]")
+    curve_bits = tuple(validate.real(f"curve_bits[{i}]", b, lo=1.0, hi=16.0) for i, b in enumerate(curve_bits or ()))
+    if match_group is not None:
+        validate.integer("match_group", match_group, lo=1)
+    config = dataclasses.replace(sensitivity, model=exp.model)  # the rows depend on the model exp holds
+    t0 = time.perf_counter()
+
+    uniform = [uniform_recipe(b, g, engine=engine) for b in match_bits for g in dict.fromkeys((None, match_group))]
+    uniform_rows = add_rows(exp, [(r, dict(method="uniform")) for r in uniform], progress)
+    t_uniform = time.perf_counter()
+
+    sens = Sensitivity(config, exp.out, pipe=exp.pipe, progress=progress)
+    table = sens.run()
+    cumulative = None
+    if "apple" in methods:
+        specs = [s for s in config.specs if s.granularity == "per_tensor" or not apple_per_tensor]
+        cumulative = sens.run_cumulative(specs)
+    t_sens = time.perf_counter()
+
+    curve = pd.DataFrame()
+    if curve_bits:
+        curve = recipe_curve(sens, layer_options(table, objectives[0]), SizeModel.layers_only(table), curve_bits,
+                             methods, cumulative, sorted(set(table["candidate"])), progress=progress)
+        curve.to_csv(exp.out / CURVE, index=False)
+    t_curve = time.perf_counter()
+
+    unet_bytes = uniform_rows.groupby("nbits")["bytes_unet"].min()
+    budgets = {f"{b}-bit": (int(unet_bytes[b]), LayerSpec(b)) for b in match_bits}
+    package, weight_map = exp.fp16_packages(("unet",))["unet"], exp.weight_maps(("unet",))["unet"]
+    entries = []
+    for i, obj in enumerate(objectives):  # Apple's method does not use the objective: once
+        entries += mixed_recipes(sens, table, package, weight_map, budgets,
+                                 methods if i == 0 else ("greedy",), cumulative, obj, engine)
+    mixed_rows = add_rows(exp, entries, progress)
+    t_end = time.perf_counter()
+
+    seconds = dict(uniform=t_uniform - t0, sensitivity=t_sens - t_uniform, curve=t_curve - t_sens,
+                   mixed=t_end - t_curve)
+    return Study(pd.concat([uniform_rows, mixed_rows], ignore_index=True), table, cumulative, curve,
+                 len(sens.layers), {k: round(v, 1) for k, v in seconds.items()})
+
+
+def _methods(methods) -> tuple[str, ...]:
+    methods = validate.sequence("methods", methods, lambda w, m: validate.choice(w, m, METHODS), "['greedy', 'apple']")
+    return tuple(dict.fromkeys(methods))
+
+
+def _objectives(objective) -> tuple[str, ...]:
+    objectives = [objective] if isinstance(objective, str) else list(objective)
+    objectives = validate.sequence("objective", objectives, lambda w, o: validate.choice(w, o, OBJECTIVES),
+                                   "'image_mse'")
+    return tuple(dict.fromkeys(objectives))
 
 
 # --- plots ----------------------------------------------------------------------------

@@ -4,21 +4,20 @@ Each Linear / Conv2d weight above a size threshold is palettized ALONE at each
 candidate (bits x granularity) in the torch model, a short fixed-seed generation
 runs, and the drift against the unmodified (fp16-rounded) pipeline is recorded:
 latent PSNR at the final step (Apple's definition, averaged over images), the
-latent MSE (the additive drift model of sdwork.mixedbit uses it), and the
-pooled image PSNR / MSE after the VAE decoder.
+latent MSE (the additive drift model of sdwork.experiments.mixedbit uses it), and the
+pooled image PSNR / MSE after the VAE decoder (every PSNR from sdwork.evaluate.psnr).
 
-The torch-side palettization is the engine's own: sdwork.kmeans1d.palettize_weight
-when present, else coremltools' grouped_channelwise_compress, so the weights
-measured here are the ones a package built from the same recipe holds.
+The torch-side palettization is the engine's own: sdwork.compress.kmeans1d.palettize_weight
+(palettizer "sdwork", the default), or coremltools' grouped_channelwise_compress, so the
+weights measured here are the ones a package built from the same recipe holds.
 
-Layout of runs/<name>/:
+Layout of the run folder:
   sensitivity.json     the settings every row depends on (a rerun must match them)
   sensitivity.jsonl    one row per (layer, candidate), appended durably
   cumulative.jsonl     Apple's cumulative pass: one row per (candidate, layer added)
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import OrderedDict
@@ -30,12 +29,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from sdwork.evaluate.psnr import latent_psnr, pooled_psnr
-from sdwork.generate import GenSettings, native_size
-from sdwork.io import append_row, read_rows
-from sdwork.coreml.lut import lut_to_dense
 from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, LayerSpec
+from sdwork.coreml.lut import lut_to_dense
 from sdwork.coreml.sizes import expected_lut_bytes
+from sdwork.errors import ConfigError, MismatchError
+from sdwork.evaluate.psnr import latent_psnr, pooled_psnr
+from sdwork.generate import GenSettings, native_size, to_uint8
+from sdwork.io import append_row, as_json, claim, read_rows
 
 COMPONENTS = ("unet", "text_encoder")
 DEFAULT_PROMPTS = (
@@ -63,13 +63,13 @@ def parse_candidate(name: str) -> LayerSpec | None:
     if gran == "pt":
         return LayerSpec(int(bits))
     if not gran.startswith("g"):
-        raise ValueError(f"bad candidate name {name!r}; expected like '4-pt', '4-g16' or 'fp16'")
-    return LayerSpec(int(bits), "per_grouped_channel", int(gran[1:]))
+        raise ConfigError(f"bad candidate name {name!r}; expected like '4-pt', '4-g16' or 'fp16'")
+    return LayerSpec(int(bits), group_size=int(gran[1:]))
 
 
 def candidates(nbits=(1, 2, 3, 4, 6, 8), group_sizes=(None, 16)) -> list[LayerSpec]:
     """Every (bits, granularity) pair; group size None means per-tensor."""
-    return [LayerSpec(n) if g is None else LayerSpec(n, "per_grouped_channel", g) for g in group_sizes for n in nbits]
+    return [LayerSpec(n, group_size=g) for g in group_sizes for n in nbits]
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Layer:
         return spec is None or spec.granularity == "per_tensor" or self.shape[0] % spec.group_size == 0
 
     def nbytes(self, spec: LayerSpec | None, last: bool = False) -> int:
-        """Exact weight.bin bytes of this weight stored as `spec` (sdwork.sizes' formula).
+        """Exact weight.bin bytes of this weight stored as `spec` (sdwork.coreml.sizes' formula).
 
         last: it holds the file's final blob, which is not padded to 64 bytes."""
         if spec is None:
@@ -127,7 +127,7 @@ def palettize_dense(w: np.ndarray, spec: LayerSpec, palettizer: str = "auto") ->
     palettizer = "sdwork" if palettizer == "auto" else palettizer
     group = 0 if spec.granularity == "per_tensor" else spec.group_size
     if group and w.shape[0] % group:
-        raise ValueError(f"{w.shape[0]} output channels are not divisible by group_size {group}")
+        raise ConfigError(f"{w.shape[0]} output channels are not divisible by group_size {group}")
     if palettizer == "sdwork":
         from sdwork.compress.kmeans1d import palettize_weight
 
@@ -139,10 +139,8 @@ def palettize_dense(w: np.ndarray, spec: LayerSpec, palettizer: str = "auto") ->
         params = palettize_weights.grouped_channelwise_compress(w, "KMEANS", spec.nbits, 0, group)
         lut, indices = params.lut, params.indices
     else:
-        raise ValueError(f"palettizer must be 'auto', 'sdwork' or 'coremltools', got {palettizer!r}")
+        raise ConfigError(f"palettizer must be 'auto', 'sdwork' or 'coremltools', got {palettizer!r}")
     return lut_to_dense(np.asarray(lut), np.asarray(indices).astype(np.intp)).astype(np.float16)
-
-
 
 
 # --- the drift probe ----------------------------------------------------------------
@@ -192,8 +190,7 @@ def run_probe(pipe, settings: ProbeSettings) -> ProbeOutput:
         callback_on_step_end=catch,
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    images = (np.clip(out.images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    return ProbeOutput(caught["latents"].double().numpy(), images)
+    return ProbeOutput(caught["latents"].double().numpy(), to_uint8(out.images))
 
 
 def drift(ref: ProbeOutput, out: ProbeOutput) -> dict:
@@ -226,7 +223,7 @@ class SensitivityConfig:
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
-            raise ValueError(f"component must be one of {COMPONENTS}, got {self.component!r}")
+            raise ConfigError(f"component must be one of {COMPONENTS}, got {self.component!r}")
         if isinstance(self.probe, dict):
             self.probe = ProbeSettings(**self.probe)
         self.nbits, self.group_sizes = tuple(self.nbits), tuple(self.group_sizes)
@@ -258,41 +255,26 @@ class Sensitivity:
         if config.only_layers is not None:
             unknown = sorted(set(config.only_layers) - {l.module for l in layers})
             if unknown:
-                raise ValueError(f"only_layers names {unknown[:3]}, which are not Linear/Conv2d weights of "
+                raise ConfigError(f"only_layers names {unknown[:3]}, which are not Linear/Conv2d weights of "
                                  f"{config.component} above {config.min_numel} elements; see eligible_layers()")
             layers = [l for l in layers if l.module in set(config.only_layers)]
         self.layers = layers[: config.max_layers] if config.max_layers else layers
         if not self.layers:
-            raise ValueError(f"no Linear/Conv2d weight in {config.component} has more than {config.min_numel} elements; "
+            raise ConfigError(f"no Linear/Conv2d weight in {config.component} has more than {config.min_numel} elements; "
                              "lower min_numel")
         self.weights_hash = weights_hash(self.pipe)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._check_config()
+        # rows are only comparable under the same settings: refuse to mix them in one folder
+        claim(self.dir / CONFIG, self.describe(), "a sensitivity analysis")
         self.reference = run_probe(self.pipe, config.probe)
 
     # -- bookkeeping
 
     def describe(self) -> dict:
+        """What every row depends on (the stamp in sensitivity.json), as the file holds it."""
         c = self.config
-        d = dict(model=c.model, component=c.component, weights_hash=self.weights_hash, probe=asdict(c.probe),
-                 min_numel=c.min_numel, palettizer=c.palettizer, torch=torch.__version__)
-        return json.loads(json.dumps(d))  # as the file holds it: tuples become lists
-
-    def _check_config(self) -> None:
-        """Rows are only comparable under the same settings: refuse to mix them in one folder."""
-        path, want = self.dir / CONFIG, self.describe()
-        if path.exists():
-            have = json.loads(path.read_text())
-            diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-            if diff:
-                raise ValueError(
-                    f"{self.dir} holds a sensitivity analysis made with other settings ({', '.join(diff)} differ); "
-                    "pass another out_dir, or delete the folder to start again"
-                )
-            return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(want, indent=1, sort_keys=True))
-        tmp.replace(path)
+        return as_json(dict(model=c.model, component=c.component, weights_hash=self.weights_hash,
+                            probe=asdict(c.probe), min_numel=c.min_numel, palettizer=c.palettizer,
+                            torch=torch.__version__))
 
     def _param(self, layer: Layer) -> torch.nn.Parameter:
         return self.module.get_submodule(layer.module).weight
@@ -380,7 +362,7 @@ class Sensitivity:
             order = cumulative_order(single, name)
             have = [r for r in rows if r["candidate"] == name]
             if [r["layer"] for r in have] != order[: len(have)]:
-                raise ValueError(f"{self.dir / CUMULATIVE} has a different layer order for {name} than the single-layer "
+                raise MismatchError(f"{self.dir / CUMULATIVE} has a different layer order for {name} than the single-layer "
                                  "table gives now; delete cumulative.jsonl to recompute it")
             self._cumulate(spec, order, len(have))
         return self.cumulative_table()
@@ -422,11 +404,6 @@ def _frame(rows: list[dict], layer_order: list[str]) -> pd.DataFrame:
     df = df[df["layer"].isin(rank)]
     key = df["layer"].map(rank)
     return df.assign(_k=key).sort_values(["_k", "bytes"], kind="stable").drop(columns="_k").reset_index(drop=True)
-
-
-def load_table(out_dir) -> pd.DataFrame:
-    """The single-layer table of a run folder, without loading a model."""
-    return pd.DataFrame(read_rows(Path(out_dir) / SINGLE))
 
 
 def heatmap_table(table: pd.DataFrame, value: str = "latent_psnr") -> pd.DataFrame:
