@@ -59,10 +59,10 @@ def main() -> None:
 
     from sdwork.convert import convert_component, load_packages_into_pipeline, package_size, package_weights
     from sdwork.convert.fullsize import random_pipeline
-    from sdwork.paths import ROOT
+    from sdwork.paths import run_dir
 
     torch.set_num_threads(2)
-    out = Path(args.out) if args.out else ROOT / "runs" / "benchmarks" / f"{args.arch}-unet"
+    out = Path(args.out) if args.out else run_dir(f"runs/benchmarks/{args.arch}-unet")
     shutil.rmtree(out, ignore_errors=True)
 
     t0 = time.perf_counter()
@@ -103,7 +103,7 @@ def main() -> None:
         print("note: peak RSS includes building the model (could not reset the peak counter)")
     else:
         print("note: peak RSS is measured from after the build, so it includes the resident model")
-    report = ROOT / "runs" / "benchmarks" / "convert_full_unet.json"
+    report = run_dir("runs/benchmarks/convert_full_unet.json")
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(result, indent=2))
     print("written", report)

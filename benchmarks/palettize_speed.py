@@ -37,9 +37,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+from sdwork import paths  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "data" / "configs" / "sd21-base" / "unet" / "config.json"
+CONFIG = paths.CONFIGS / "sd21-base" / "unet" / "config.json"
 ENGINES = ("sdwork", "ptp", "coreml")
 
 
@@ -263,7 +264,7 @@ def main(argv=None):
     if unknown:
         ap.error(f"unknown engines {sorted(unknown)}; choose from {ENGINES}")
     scope = f"first {args.subset} eligible layers of the " if args.subset else ""
-    print(f"{scope}SD 2.1-base UNet (random init, seed {args.seed}) from {CONFIG.relative_to(ROOT)}; "
+    print(f"{scope}SD 2.1-base UNet (random init, seed {args.seed}) from {CONFIG.relative_to(paths.PACKAGE.parent)}; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     for point in args.grid:
         nbits, group = (int(v) for v in point.split(":"))

@@ -1,5 +1,6 @@
 """Mixed-bit allocation: synthetic sensitivity tables (exact answers known), then a real
-tiny-random UNet recipe through conversion and the sweep engine (exact sizes, exact weights)."""
+tiny-random UNet recipe through conversion and Experiment.run (exact sizes, exact weights),
+and the whole study."""
 import itertools
 import math
 
@@ -7,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sdwork.experiments import mixedbit as mb
+from sdwork import hooks
 from sdwork.compress.recipe import LayerSpec, Recipe
+from sdwork.errors import ConfigError
+from sdwork.experiments import mixedbit as mb
 from sdwork.experiments.sensitivity import FP16, Layer, candidate_name
 
 BITS = (2, 3, 4, 6, 8)
@@ -20,7 +23,7 @@ def synthetic_table(sens: dict[str, float], shapes: dict[str, tuple], bits=BITS,
     for name, s in sens.items():
         layer = Layer(name, shapes[name])
         for n in bits:
-            spec = LayerSpec(n) if group is None else LayerSpec(n, "per_grouped_channel", group)
+            spec = LayerSpec(n, group_size=group)
             mse = s * 4.0**-n
             rows.append(dict(layer=name, candidate=candidate_name(spec), bytes=layer.nbytes(spec),
                              fp16_bytes=layer.nbytes(None), numel=layer.numel, latent_mse=mse, image_mse=mse * 100,
@@ -186,12 +189,12 @@ def test_to_recipe_base_is_most_common_and_the_rest_override():
     r = mb.to_recipe(alloc, consts, rest_consts=["p_unet_other_weight"])
     assert isinstance(r, Recipe) and (r.nbits, r.granularity) == (4, "per_tensor")
     assert r.components == ("unet",) and r.engine == "sdwork"
-    assert dict(r.overrides) == {"p_unet_z_weight": LayerSpec(6, "per_grouped_channel", 16),
+    assert dict(r.overrides) == {"p_unet_z_weight": LayerSpec(6, group_size=16),
                                  "p_unet_w_weight": None, "p_unet_other_weight": None}
     assert r.min_target == "iOS18" and "-ov3-" in r.name
     assert Recipe.from_json(r.to_json()) == r
     assert mb.to_recipe(alloc, consts, rest_consts=["p_unet_other_weight"], rest=LayerSpec(4)).overrides == tuple(
-        sorted({"p_unet_z_weight": LayerSpec(6, "per_grouped_channel", 16), "p_unet_w_weight": None}.items()))
+        sorted({"p_unet_z_weight": LayerSpec(6, group_size=16), "p_unet_w_weight": None}.items()))
     with pytest.raises(ValueError, match="every layer"):
         mb.to_recipe(mb.Allocation("greedy", {"x": FP16}, 0, 0.0), consts)
 
@@ -228,25 +231,27 @@ def test_layer_options_validates():
 # --- a real recipe on the tiny-random UNet --------------------------------------------
 
 
+GEN = dict(prompts=("a small green circle on a black background",), seeds=(0,), steps=2)
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
+    from sdwork import Experiment, GenSettings
     from sdwork.experiments import sensitivity as S
-    from sdwork.convert import load_weight_map
-    from sdwork.weights import weights_hash
-    from sdwork.experiments.experiment import GENERATION_COMPONENTS, _fp16_packages
 
     folder = tmp_path_factory.mktemp("mixed")
+    exp = Experiment("tiny-random", GenSettings(**GEN), scorer=None, out=folder / "exp", progress=False)
     probe = S.ProbeSettings(prompts=S.DEFAULT_PROMPTS[:1], seeds=(0,), steps=1)
     # conv_out holds the package's final blob (not padded to 64 bytes): the size model must know
     cfg = S.SensitivityConfig(model="tiny-random", probe=probe, nbits=(3, 8), group_sizes=(None, 16),
                               only_layers=("conv_in", "time_embedding.linear_2", "down_blocks.0.resnets.0.conv1",
                                            "down_blocks.1.attentions.0.proj_in", "conv_out"))
-    sens = S.Sensitivity(cfg, folder / "sens", progress=False)
+    sens = S.Sensitivity(cfg, folder / "sens", pipe=exp.pipe, progress=False)
     table = sens.run()
-    # the sweep's cache of converted fp16 packages (shared with the sweep and notebook tests)
-    pkg = _fp16_packages(sens.pipe, weights_hash(sens.pipe), GENERATION_COMPONENTS, progress=False)["unet"]
-    consts = mb.const_names([l.module for l in sens.layers], load_weight_map(pkg))
-    return sens, table, pkg, consts, folder
+    # the cache of converted fp16 packages (shared with the sweep and notebook tests)
+    pkg = exp.fp16_packages(("unet",))["unet"]
+    consts = mb.const_names([l.module for l in sens.layers], exp.weight_maps(("unet",))["unet"])
+    return sens, table, pkg, consts, folder, exp
 
 
 def test_recipe_package_matches_prediction_to_the_byte_and_bit(converted):
@@ -259,8 +264,8 @@ def test_recipe_package_matches_prediction_to_the_byte_and_bit(converted):
     from sdwork.compress.apply import compress
     from sdwork.convert import load_packages_into_pipeline, load_weight_map, package_weights
 
-    sens, table, pkg, consts, folder = converted
-    rest = LayerSpec(3, "per_grouped_channel", 128)  # the 64-channel layers cannot take it: they stay fp16
+    sens, table, pkg, consts, folder, _ = converted
+    rest = LayerSpec(3, group_size=128)  # the 64-channel layers cannot take it: they stay fp16
     sizes = mb.size_model(pkg, consts, rest)
     assert sizes.last_layer == "conv_out"
     options = mb.layer_options(table, last_layer=sizes.last_layer)
@@ -303,3 +308,86 @@ def test_psnr_target_is_met_by_measurement(converted):
     assert got["latent_psnr"] >= target
     assert got == mb.measure(sens, alloc)
     assert alloc.extra["target"] == target
+
+
+def test_a_mixed_recipe_equal_to_a_uniform_one_still_gets_its_own_row(converted):
+    """Every analysed layer and the rest at 8-pt is the uniform 8-bit recipe: its labelled row is
+    written (same_as names the uniform row) from the one measurement, and a rerun writes nothing."""
+    from sdwork.experiments.results import rows
+
+    sens, table, pkg, consts, folder, exp = converted
+    uniform = mb.uniform_recipe(8)
+    recipe = mb.recipe_for(mb.uniform(mb.layer_options(table), "8-pt"), consts, pkg, rest=LayerSpec(8))
+    assert recipe == uniform
+    entries = [(uniform, dict(method="uniform")),
+               (recipe, dict(method="greedy", objective="latent_mse", target="8-bit"))]
+    measured = []
+    with hooks.on("variant_compressed", lambda name: measured.append(name)):
+        df = mb.add_rows(exp, entries, progress=False)
+    assert measured == [uniform.name]  # compressed and scored once
+    u, g = df.iloc[0], df.iloc[1]
+    assert u["name"] == uniform.name and u["method"] == "uniform" and pd.isna(u.get("same_as"))
+    assert g["name"] == f"{uniform.name} [greedy latent_mse 8-bit]" and g["same_as"] == uniform.name
+    assert g["method"] == "greedy" and g["psnr"] == u["psnr"] and g["images"] == u["images"]
+    written = rows(exp.out)
+    assert [r["name"] for r in written] == [u["name"], g["name"]]
+    with hooks.on("variant_compressed", lambda name: measured.append(name)):
+        again = mb.add_rows(exp, entries, progress=False)
+    assert measured == [uniform.name] and len(rows(exp.out)) == 2
+    assert list(again["key"]) == list(df["key"])
+
+
+def test_row_labels():
+    assert mb.row_label(dict(method="uniform")) is None
+    assert mb.row_label(dict(method="apple", objective="image_mse", target="4-bit")) == "apple 4-bit"
+    assert mb.row_label(dict(method="greedy", objective="image_mse", target="4-bit")) == "greedy image_mse 4-bit"
+
+
+def test_study_settings_are_checked_before_any_work(converted):
+    from sdwork.experiments.sensitivity import SensitivityConfig
+
+    *_, exp = converted
+    cfg = SensitivityConfig(model="tiny-random")
+    for kw, match in [(dict(methods=["greedy", "magic"]), "methods"), (dict(objective="psnr"), "objective"),
+                      (dict(match_bits=[5]), "match_bits"), (dict(match_bits=4), "match_bits"),
+                      (dict(curve_bits=[0.5]), "curve_bits"), (dict(match_group=0), "match_group")]:
+        with pytest.raises(ConfigError, match=match):
+            mb.study(exp, cfg, **kw)
+    assert not (exp.out / "sensitivity.json").exists()
+
+
+@pytest.mark.slow
+def test_study_writes_uniform_and_mixed_rows_and_a_rerun_measures_nothing(converted, tmp_path):
+    """The whole study on the tiny-random UNet: uniform 4-bit, the analysis of 3 layers, Apple's
+    pass, the curve, greedy and Apple recipes no larger than uniform 4-bit; then the same call again."""
+    from sdwork import Experiment, GenSettings
+    from sdwork.experiments import sensitivity as S
+    from sdwork.experiments.results import rows
+
+    *_, base = converted
+    exp = Experiment("tiny-random", GenSettings(**GEN), scorer=None, out=tmp_path / "study", pipe=base.pipe,
+                     progress=False)
+    probe = S.ProbeSettings(prompts=S.DEFAULT_PROMPTS[:1], seeds=(0,), steps=1)
+    cfg = S.SensitivityConfig(model="not-this-one", probe=probe, nbits=(2, 8), group_sizes=(None,), max_layers=3)
+    kw = dict(match_bits=[4], match_group=None, curve_bits=[3.0, 6.0], progress=False)
+    st = mb.study(exp, cfg, **kw)
+    res = st.results
+    assert list(res["method"]) == ["uniform", "greedy", "apple"]
+    assert res["name"].iloc[0] == "km4-pt-unet-sdwork"
+    assert list(res["label"].iloc[1:]) == ["greedy image_mse 4-bit", "apple 4-bit"]
+    mixed, uniform = res.iloc[1:], res.iloc[0]
+    assert (mixed["bytes_unet"] <= uniform["bytes_unet"]).all()
+    assert (mixed["predicted_bytes"] == mixed["bytes_unet"]).all()  # the exact size model, on the package
+    assert st.layers == 3 and len(st.sensitivity) == 3 * 2
+    assert (exp.out / S.CONFIG).exists() and (exp.out / S.SINGLE).exists()
+    assert set(st.cumulative["candidate"]) == {"2-pt", "8-pt"}
+    assert set(st.curve["method"]) == {"greedy", "apple", "uniform"}
+    assert pd.read_csv(exp.out / mb.CURVE).shape[0] == len(st.curve)
+    assert set(st.seconds) == {"uniform", "sensitivity", "curve", "mixed"}
+    written = len(rows(exp.out))
+    measured = []
+    with hooks.on("variant_compressed", lambda name: measured.append(name)):
+        again = mb.study(exp, cfg, **kw)
+    assert measured == [] and len(rows(exp.out)) == written
+    assert list(again.results["key"]) == list(res["key"])
+    assert again.sensitivity.equals(st.sensitivity)

@@ -79,7 +79,7 @@ def test_palettize_dense_is_exact_kmeans_per_group():
         assert len(np.unique(ours[8 * g : 8 * g + 8].astype(np.float32))) <= 8
     err = lambda d: float(((d.astype(np.float64) - w.astype(np.float64)) ** 2).sum())
     assert err(ours) <= err(ref) * (1 + 1e-6)
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ConfigError, match="divisible"):
         S.palettize_dense(w, LayerSpec(3, "per_grouped_channel", 5), "sdwork")
 
 
@@ -161,15 +161,15 @@ def test_heatmap_table_and_plot(run):
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="component"):
+    with pytest.raises(ConfigError, match="component"):
         S.SensitivityConfig(component="vae")
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ConfigError, match="steps"):
         S.ProbeSettings(steps=0)
-    with pytest.raises(ValueError, match="nbits"):
+    with pytest.raises(ConfigError, match="nbits"):
         S.SensitivityConfig(nbits=(5,))
-    with pytest.raises(ValueError, match="only_layers"):
+    with pytest.raises(ConfigError, match="only_layers"):
         S.Sensitivity(config(only_layers=("nope",)), "/tmp/never-written", pipe=_tiny(), progress=False)
-    with pytest.raises(ValueError, match="no Linear/Conv2d"):
+    with pytest.raises(ConfigError, match="no Linear/Conv2d"):
         S.Sensitivity(config(min_numel=10**9), "/tmp/never-written", pipe=_tiny(), progress=False)
 
 

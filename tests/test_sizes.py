@@ -1,15 +1,16 @@
 """Size accounting agrees with the files on disk to the byte; skipped layers are reported."""
+import dataclasses
 import math
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
-from sdwork.compress.apply import compress, summarise_uncompressed, uncompressed_layers
+from sdwork.compress.apply import check_fits, compress, summarise_uncompressed, uncompressed_layers
 from sdwork.compress.recipe import Recipe
 from sdwork.coreml.sizes import SizeAccountingError, WEIGHTS, expected_lut_bytes, package_sizes
+from sdwork.errors import ConfigError, PackageError
 
 
 class Small(torch.nn.Module):
@@ -90,22 +91,36 @@ def test_palettized_sizes_match_files_and_formula(fp16, tmp_path, recipe):
     assert s.weight_bin_bytes < package_sizes(fp16["ios18"]).weight_bin_bytes
 
 
-def test_skipped_layers_are_listed_with_the_reason(fp16, tmp_path):
-    r = Recipe(nbits=4, granularity="per_grouped_channel", group_size=16, components=("unet",))
+@pytest.mark.parametrize("engine", ["coremltools", "sdwork"])
+def test_skipped_layers_are_listed_with_the_reason(fp16, tmp_path, engine):
+    """Kinds and reasons come from the palettization pass's own report, the same for both engines."""
+    r = Recipe(nbits=4, group_size=16, components=("unet",), engine=engine)
     done = compress(r, {"unet": fp16["ios18"]}, tmp_path, progress=False)
     layers = {l["name"]: l for l in uncompressed_layers(done)}
     lin = layers["p_lin_weight_to_fp16"]
     assert lin["kind"] == "channels_not_divisible"
-    assert "36 output channels not divisible by group_size 16" in lin["reason"]
-    assert "engine:" in lin["reason"]  # coremltools' own warning is attached
+    assert lin["reason"] == "36 channels on axis 0 not divisible by group_size 16"
     assert layers["p_out_weight_to_fp16"]["kind"] == "below_threshold"
     assert layers["p_conv_bias_to_fp16"]["kind"] == "one_d"
     assert "p_conv_weight_to_fp16" not in layers
+    report = done.reports["unet"].set_index("op")
+    for name, layer in layers.items():
+        assert (layer["kind"], layer["reason"]) == tuple(report.loc[name, ["kind", "reason"]]), name
+        assert set(layer) == {"component", "name", "torch_name", "shape", "numel", "kind", "reason"}
     summary = summarise_uncompressed(list(layers.values()))
     assert summary["channels_not_divisible"] == {"layers": 1, "weights": 2304}
     # the skipped weight is counted at fp16 size in the file
     s = done.sizes["unet"].table().set_index("name")
     assert s.loc["p_lin_weight_to_fp16", "file_bytes"] == 64 + 2304 * 2
+
+
+def test_reasons_without_a_pass_report_are_derived(fp16, tmp_path):
+    """The torch engine and DKM packages have no pass report: the recipe gives the same kinds."""
+    r = Recipe(nbits=4, group_size=16, components=("unet",), overrides={"p_head_weight_to_fp16": None})
+    done = compress(r, {"unet": fp16["ios18"]}, tmp_path, progress=False)
+    reported = {l["name"]: l["kind"] for l in uncompressed_layers(done)}
+    derived = {l["name"]: l["kind"] for l in uncompressed_layers(dataclasses.replace(done, reports={}))}
+    assert reported == derived and reported["p_head_weight_to_fp16"] == "override"
 
 
 def test_ios16_package(fp16, tmp_path):
@@ -152,8 +167,29 @@ def test_damaged_weight_file_is_an_error(fp16, tmp_path):
         f.write(b"\0" * 100)  # trailing garbage: no longer header + blobs
     with pytest.raises(SizeAccountingError):
         package_sizes(copy)
-    with pytest.raises(FileNotFoundError, match="not an ML program package"):
+    with pytest.raises(PackageError, match="not an ML program package"):
         package_sizes(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from conftest import tiny_specs
+    from sdwork.load import load_pipeline
+
+    return load_pipeline(tiny_specs()[0], progress=False)
+
+
+def test_check_fits_refuses_sizes_that_divide_no_layer(tiny_pipe):
+    """Before any work: a group_size or cluster_dim that divides no output channel count names the fix."""
+    with pytest.raises(ConfigError, match=r"group_size=7 divides the output channels of no layer of unet"
+                                          r".*use a group_size that divides them, e.g. one of \[2, 4, 8"):
+        check_fits(Recipe(nbits=4, group_size=7), tiny_pipe)
+    with pytest.raises(ConfigError, match="cluster_dim=3 divides the output channels of no layer"):
+        check_fits(Recipe(nbits=4, cluster_dim=3), tiny_pipe)
+    with pytest.raises(ConfigError, match="no weight above weight_threshold"):
+        check_fits(Recipe(nbits=4, weight_threshold=10**9), tiny_pipe)
+    check_fits(Recipe(nbits=4, group_size=16), tiny_pipe)  # fits: no error
+    check_fits(Recipe(nbits=4, components=("unet", "vae_decoder")), tiny_pipe)
 
 
 def test_formula():

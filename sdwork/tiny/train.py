@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sdwork import hooks
+from sdwork import hooks, paths
+from sdwork.errors import MismatchError
 from sdwork.tiny import dataset, models, tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = ROOT / "data" / "models"
-DEFAULT_WORK = ROOT / "runs" / "tiny-train"
+DEFAULT_OUT = paths.MODELS
+DEFAULT_WORK = paths.run_dir("runs/tiny-train")
 
 DEFAULTS = dict(
     seed=0,
@@ -90,7 +90,7 @@ OUTPUTS = {"train_images": ("train_images.npz",), "latents": ("latents.pt",),
            **{s: (f"{s}.ckpt", f"{s}_final.pt") for s in TRAINED}}
 
 
-class StageMismatchError(ValueError):
+class StageMismatchError(MismatchError):
     """The work folder holds a stage's output made with other settings than the ones asked for."""
 
     def __init__(self, message: str, stages: dict[str, list[str]]):
