@@ -57,7 +57,7 @@ def load_pipeline(spec: str | os.PathLike = "tiny", dtype: torch.dtype = torch.f
             safety_checker=None,
             requires_safety_checker=False,
         )
-    except (OSError, ValueError) as e:
+    except Exception as e:  # diffusers and safetensors raise many types for one cause: a bad folder
         raise load_error(e, path if local else source, local, "the pipeline") from e
     pipe.set_progress_bar_config(disable=not progress)
     pipe.model_spec = str(spec)
@@ -67,12 +67,29 @@ def load_pipeline(spec: str | os.PathLike = "tiny", dtype: torch.dtype = torch.f
 def load_error(e: Exception, source, local: bool, what: str, hub_label: str = "") -> ModelNotFoundError:
     """The error for a model folder or hub id that from_pretrained could not load, with the fix."""
     if local:
-        return ModelNotFoundError(f"could not load {what} in {source}: {e}")
+        return ModelNotFoundError(
+            f"could not load {what} in {source}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. "
+            f"{_damaged_hint(source)}")
     return ModelNotFoundError(
         f"could not load {hub_label}{source!r} from the Hugging Face hub ({'offline' if _offline() else 'online'}): "
         f"download it first (huggingface-cli download {source}) and pass the local folder, "
         f"or check the id. Cause: {str(e).splitlines()[0]}"
     )
+
+
+def _damaged_hint(folder) -> str:
+    """Name the weight file that does not read as safetensors, when one is the cause."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    st.get_slice(k)
+        except Exception:
+            return (f"{f} is damaged (not a complete safetensors file, e.g. a truncated download): "
+                    "download or save_pretrained the model again")
+    return "Check that the folder is a complete diffusers pipeline saved with save_pretrained (safetensors)"
 
 
 def _offline() -> bool:
