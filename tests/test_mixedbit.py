@@ -254,6 +254,7 @@ def converted(tmp_path_factory):
     return sens, table, pkg, consts, folder, exp
 
 
+@pytest.mark.slow
 def test_recipe_package_matches_prediction_to_the_byte_and_bit(converted):
     """The allocation's size is the package's size; every palettized weight in the package is the
     one measured in torch (analysed layers as allocated, the others as `rest`), so the package's
@@ -298,6 +299,7 @@ def recipe_const(layer) -> str:
     return "p_unet_" + layer.param.replace(".", "_") + "_to_fp16"
 
 
+@pytest.mark.slow  # the module fixture: a sensitivity analysis and the fp16 packages
 def test_psnr_target_is_met_by_measurement(converted):
     sens, table, *_ = converted
     options = mb.layer_options(table)
@@ -310,6 +312,7 @@ def test_psnr_target_is_met_by_measurement(converted):
     assert alloc.extra["target"] == target
 
 
+@pytest.mark.slow
 def test_a_mixed_recipe_equal_to_a_uniform_one_still_gets_its_own_row(converted):
     """Every analysed layer and the rest at 8-pt is the uniform 8-bit recipe: its labelled row is
     written (same_as names the uniform row) from the one measurement, and a rerun writes nothing."""
@@ -343,10 +346,12 @@ def test_row_labels():
     assert mb.row_label(dict(method="greedy", objective="image_mse", target="4-bit")) == "greedy image_mse 4-bit"
 
 
-def test_study_settings_are_checked_before_any_work(converted):
+def test_study_settings_are_checked_before_any_work(tmp_path):
+    from types import SimpleNamespace
+
     from sdwork.experiments.sensitivity import SensitivityConfig
 
-    *_, exp = converted
+    exp = SimpleNamespace(model="tiny-random", out=tmp_path)  # validation comes before any use of it
     cfg = SensitivityConfig(model="tiny-random")
     for kw, match in [(dict(methods=["greedy", "magic"]), "methods"), (dict(objective="psnr"), "objective"),
                       (dict(match_bits=[5]), "match_bits"), (dict(match_bits=4), "match_bits"),
