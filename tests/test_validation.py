@@ -141,3 +141,19 @@ def test_every_sdwork_error_is_one_family():
 
     for cls in (ConfigError, ModelNotFoundError, PackageError, WeightMapError, SizeAccountingError, StageMismatchError):
         assert issubclass(cls, SdworkError), cls
+
+
+def test_the_grid_files_and_their_commented_examples_are_valid():
+    """Every shipped grid loads, and the extra-recipe example in default.yaml's comment builds
+    under that grid's engine defaults (a user copies it)."""
+    import yaml
+
+    from sdwork import paths
+    from sdwork.experiments.grids import available
+
+    for name in available():
+        assert load_grid(name).recipes, name
+    text = (paths.GRIDS / "default.yaml").read_text()
+    example = text.split("recipes: []", 1)[1].split("e.g.", 1)[1].strip()
+    grid = yaml.safe_load(text)
+    load_grid({**grid, "recipes": [yaml.safe_load(example)]})
