@@ -2,10 +2,12 @@
 import json
 
 import pandas as pd
+import pytest
 from conftest import tiny_specs
 from nbrun import run_notebook
 
 
+@pytest.mark.slow
 def test_dkm_notebook_runs_and_compares_with_post_training(tmp_path):
     model, clip = tiny_specs()
     out = tmp_path / "out"
@@ -17,13 +19,18 @@ def test_dkm_notebook_runs_and_compares_with_post_training(tmp_path):
     )
     rows = pd.read_json(out / "results.jsonl", lines=True).set_index("name")
     assert len(rows) == 2 and "km2-pt-wt200000-unet-sdwork" in rows.index  # the post-training row, same recipe
+    assert rows.loc["km2-pt-wt200000-unet-sdwork", "method"] == "post-training"
     ours = rows[rows["method"] == "dkm"].iloc[0]
     assert ours.name.startswith("km2-pt-wt200000-unet-dkm2-")  # batch 2 is not the default: hashed suffix
     assert ours["lut_count"] == 4 and ours["dkm"]["steps"] == 2
+    assert ours["dkm_data"]["kind"] == "distill"  # the row is keyed by what DKM trained on
     for m in ("psnr", "ssim", "clip_image_image", "clip_text_image"):
         assert pd.notna(ours[m])
     assert len(pd.read_csv(out / "dkm" / ours.name / "loss.csv")) == 2
-    # the loss curve and the comparison table were drawn, not silently skipped
+    # the loss curve, the image grid and the size plot were drawn, not silently skipped
     cells = json.loads(executed.read_text())["cells"]
     outputs = [o for c in cells if c["cell_type"] == "code" for o in c.get("outputs", [])]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    # the comparison table: the two rows, post-training first
+    tables = [o["data"]["text/plain"] for o in outputs if "text/html" in o.get("data", {})]
+    assert any("post-training" in "".join(t) and "dkm" in "".join(t) for t in tables)

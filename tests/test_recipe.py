@@ -115,8 +115,6 @@ def test_grid_errors():
         load_grid("nowhere.yaml")
 
 
-@pytest.mark.xfail(strict=True, reason="sdwork.experiments.grids.expand({}) builds one Recipe from no fields "
-                   "(itertools.product() yields one empty combination), so the error is 'needs nbits'")
 def test_a_grid_without_recipes_says_so():
     with pytest.raises(ConfigError, match="defines no recipe"):
         load_grid({"generation": {"prompts": ["a"], "seeds": [0]}})

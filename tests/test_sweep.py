@@ -249,3 +249,23 @@ def test_grid_files_expand_and_override():
     g = grids.load_grid("ci", engine="coremltools", components=TE, scorer=None, limit=1)
     assert [r.name for r in g.recipes] == ["km2-pt-te"] and g.scorer is None
     assert load_results(grids.grid_path("ci").parent).empty  # no results file there: an empty table
+
+
+@pytest.mark.slow
+def test_a_failed_variant_gets_a_failed_row_and_a_rerun_retries_it(exp, tmp_path):
+    from sdwork.errors import EngineError
+
+    e = other(exp, tmp_path)
+    recipes = [Recipe(nbits=4, components=TE), Recipe(nbits=2, components=TE)]
+
+    def fail_second(name):
+        if name == "km2-pt-te":
+            raise EngineError("simulated engine failure; use another engine")
+
+    with hooks.on("variant_compressed", fail_second):
+        df = e.sweep(recipes)
+    assert list(df["status"]) == ["ok", "failed"] and "simulated engine failure" in df["error"].iloc[1]
+    assert not (tmp_path / "variants" / "km2-pt-te").exists() and not (tmp_path / "images" / "km2-pt-te.npz").exists()
+    assert list(e.results()["name"]) == ["km4-pt-te"]  # failed rows are not results
+    df = e.sweep(recipes)  # the rerun retries the failed variant only
+    assert list(df["status"]) == ["ok", "ok"] and list(e.results()["name"]) == ["km4-pt-te", "km2-pt-te"]

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sdwork.errors import ConfigError
+
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -84,16 +86,16 @@ class Shapes:
     @classmethod
     def of(cls, pipe, unet_batch: int = 2) -> "Shapes":
         if unet_batch not in (1, 2):
-            raise ValueError(f"unet_batch must be 1 or 2 (2 runs classifier-free guidance in one call), got {unet_batch}")
+            raise ConfigError(f"unet_batch must be 1 or 2 (2 runs classifier-free guidance in one call), got {unet_batch}")
         unet, vae, text, tok = (getattr(pipe, k, None) for k in ("unet", "vae", "text_encoder", "tokenizer"))
         if unet is None and vae is None and text is None:
-            raise ValueError("the pipeline has no unet, vae or text_encoder to convert")
+            raise ConfigError("the pipeline has no unet, vae or text_encoder to convert")
         if tok is not None:
             seq_len = tok.model_max_length
         elif text is not None:
             seq_len = text.config.max_position_embeddings
         else:
-            raise ValueError("the pipeline has neither a tokenizer nor a text encoder: the 77-token context is unknown")
+            raise ConfigError("the pipeline has neither a tokenizer nor a text encoder: the 77-token context is unknown")
         scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         latent_size = unet.config.sample_size if unet is not None else vae.config.sample_size // scale
         hidden = unet.config.cross_attention_dim if unet is not None else (text.config.hidden_size if text else 0)
@@ -191,7 +193,7 @@ _OUTPUTS = {
 
 def spec(component: str) -> Component:
     if component not in SPECS:
-        raise ValueError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
+        raise ConfigError(f"unknown component {component!r}; choose from {', '.join(COMPONENTS)}")
     return SPECS[component]
 
 
@@ -200,7 +202,7 @@ def check_components(components) -> tuple[str, ...]:
         components = (components,)
     components = tuple(components)
     if not components:
-        raise ValueError(f"no component to convert; choose from {', '.join(COMPONENTS)}")
+        raise ConfigError(f"no component to convert; choose from {', '.join(COMPONENTS)}")
     for c in components:
         spec(c)
     return components
@@ -210,7 +212,7 @@ def torch_module(pipe, component: str) -> torch.nn.Module:
     sp = spec(component)
     module = getattr(pipe, sp.module, None)
     if module is None:
-        raise ValueError(f"the pipeline has no {sp.module} (needed for {component}); load a full pipeline")
+        raise ConfigError(f"the pipeline has no {sp.module} (needed for {component}); load a full pipeline")
     return module
 
 

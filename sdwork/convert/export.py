@@ -21,6 +21,7 @@ from sdwork.convert.tokenizer_files import write_tokenizer_files
 from sdwork.convert.weightmap import build_weight_map, sidecar
 from sdwork.quiet import coremltools_progress
 from sdwork.weights import fp16_hash
+from sdwork.errors import ConfigError
 
 # Bump when a package's layout or metadata changes: cached fp16 packages are keyed by it.
 FORMAT_VERSION = "2"
@@ -157,14 +158,14 @@ def _check_target(target: str) -> None:
 
     ok = [t.name for t in ct.target if t.name.startswith("iOS") and int(t.name[3:]) >= 16]
     if target not in ok:
-        raise ValueError(f"unknown or unsupported target {target!r}; choose from {', '.join(ok)} "
+        raise ConfigError(f"unknown or unsupported target {target!r}; choose from {', '.join(ok)} "
                          "(iOS18 is needed for per-grouped-channel LUTs)")
 
 
 def _check_float32(module: torch.nn.Module, component: str) -> None:
     dtypes = {p.dtype for p in module.parameters()}
     if dtypes != {torch.float32}:
-        raise ValueError(f"{component} has {sorted(map(str, dtypes))} weights; load the pipeline in float32 "
+        raise ConfigError(f"{component} has {sorted(map(str, dtypes))} weights; load the pipeline in float32 "
                          "(load_pipeline's default): conversion rounds to fp16 itself")
 
 

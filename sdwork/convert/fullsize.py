@@ -12,6 +12,7 @@ import torch
 
 from sdwork.load import tiny_tokenizer
 from sdwork.paths import CONFIGS
+from sdwork.errors import ConfigError
 
 PARTS = ("text_encoder", "unet", "vae")
 
@@ -23,7 +24,7 @@ def architectures() -> list[str]:
 def config(arch: str, part: str, **overrides) -> dict:
     path = CONFIGS / arch / part / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"no config {path}; architectures: {', '.join(architectures())}, "
+        raise ConfigError(f"no config {path}; architectures: {', '.join(architectures())}, "
                                 f"parts: {', '.join(PARTS)}")
     return {**json.loads(path.read_text()), **overrides}
 
@@ -48,7 +49,7 @@ def random_pipeline(arch: str, parts=PARTS, seed: int = 0, overrides: dict[str, 
     overrides = overrides or {}
     unknown = set(parts) - set(PARTS)
     if unknown:
-        raise ValueError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+        raise ConfigError(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     modules = {p: random_module(arch, p, seed, **overrides.get(p, {})) if p in parts else None for p in PARTS}
     pipe = StableDiffusionPipeline(**modules, tokenizer=tiny_tokenizer(), scheduler=_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)

@@ -8,16 +8,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sdwork.errors import ConfigError
+
 CHECK_TEXT = "a small red circle on a gray background, photo 123 ünïcode"
 
 
 def write_tokenizer_files(tokenizer, out_dir) -> dict[str, Path]:
     backend = getattr(tokenizer, "_tokenizer", None) or getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"{type(tokenizer).__name__} has no tokenizers backend to read the BPE files from")
+        raise ConfigError(f"{type(tokenizer).__name__} has no tokenizers backend to read the BPE files from")
     model = json.loads(backend.to_str())["model"]
     if model.get("type") != "BPE":
-        raise ValueError(f"the tokenizer is {model.get('type')}, not BPE: vocab.json/merges.txt do not apply")
+        raise ConfigError(f"the tokenizer is {model.get('type')}, not BPE: vocab.json/merges.txt do not apply")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab, merges = out_dir / "vocab.json", out_dir / "merges.txt"
@@ -35,5 +37,5 @@ def _check_round_trip(tokenizer, vocab: Path, merges: Path) -> None:
     a = tokenizer(CHECK_TEXT, padding="max_length", truncation=True).input_ids
     b = again(CHECK_TEXT, padding="max_length", truncation=True).input_ids
     if a != b:
-        raise ValueError(f"the written {vocab.name}/{merges.name} tokenize differently from the pipeline's "
+        raise ConfigError(f"the written {vocab.name}/{merges.name} tokenize differently from the pipeline's "
                          f"tokenizer ({type(tokenizer).__name__}); it is not a CLIP BPE tokenizer")

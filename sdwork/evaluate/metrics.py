@@ -20,6 +20,7 @@ from sdwork.generate import torch_threads
 from sdwork.evaluate.psnr import image_psnr
 from sdwork.paths import TINY_CLIP
 from sdwork.load import ModelNotFoundError, _looks_like_path, _offline, load_error
+from sdwork.errors import ConfigError
 
 SSIM_SIGMA = 1.5
 SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # 11: scikit-image's Gaussian window for sigma 1.5
@@ -29,9 +30,9 @@ SSIM_WINDOW = 2 * int(3.5 * SSIM_SIGMA + 0.5) + 1  # 11: scikit-image's Gaussian
 def _check_pair(ref: np.ndarray, img: np.ndarray):
     ref, img = np.asarray(ref), np.asarray(img)
     if ref.shape != img.shape:
-        raise ValueError(f"reference and image differ in shape: {ref.shape} vs {img.shape}")
+        raise ConfigError(f"reference and image differ in shape: {ref.shape} vs {img.shape}")
     if ref.dtype != np.uint8 or img.dtype != np.uint8:
-        raise ValueError(
+        raise ConfigError(
             f"expected uint8 images (0..255), got {ref.dtype} and {img.dtype}; "
             "convert with sdwork.generate.to_uint8"
         )
@@ -47,9 +48,9 @@ def ssim(ref: np.ndarray, img: np.ndarray) -> float:
     """Mean SSIM of two uint8 (H, W, 3) images, Gaussian-weighted as in Wang et al. 2004."""
     ref, img = _check_pair(ref, img)
     if ref.ndim != 3 or ref.shape[-1] != 3:
-        raise ValueError(f"ssim takes one (H, W, 3) image at a time, got shape {ref.shape}")
+        raise ConfigError(f"ssim takes one (H, W, 3) image at a time, got shape {ref.shape}")
     if min(ref.shape[:2]) < SSIM_WINDOW:
-        raise ValueError(f"images must be at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels for SSIM, got {ref.shape[:2]}")
+        raise ConfigError(f"images must be at least {SSIM_WINDOW}x{SSIM_WINDOW} pixels for SSIM, got {ref.shape[:2]}")
     return float(
         structural_similarity(
             ref, img, channel_axis=-1, data_range=255,
@@ -103,7 +104,7 @@ class ClipScorer:
     def image_image(self, ref_images: np.ndarray, images: np.ndarray) -> np.ndarray:
         """Cosine similarity of each image with its reference image, shape (N,)."""
         if len(ref_images) != len(images):
-            raise ValueError(f"{len(ref_images)} reference images for {len(images)} images")
+            raise ConfigError(f"{len(ref_images)} reference images for {len(images)} images")
         a, b = self.image_embeddings(ref_images), self.image_embeddings(images)
         return (a * b).sum(-1).numpy()
 
@@ -111,7 +112,7 @@ class ClipScorer:
         """Cosine similarity of each image with its prompt, shape (N,)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
-            raise ValueError(f"{len(prompts)} prompts for {len(images)} images: pass one prompt per image")
+            raise ConfigError(f"{len(prompts)} prompts for {len(images)} images: pass one prompt per image")
         unique = list(dict.fromkeys(prompts))  # embed each distinct prompt once
         emb = self.text_embeddings(unique)
         t = emb[[unique.index(p) for p in prompts]]
@@ -129,7 +130,7 @@ def _features(out) -> torch.Tensor:
 def _check_images(images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
+        raise ConfigError(f"expected uint8 images of shape (N, H, W, 3), got {images.dtype} {images.shape}")
     return images
 
 
@@ -199,7 +200,7 @@ def expand_prompts(prompts, n_images: int) -> tuple[list[str], list[int]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if len(prompts) != n_images:
         if not prompts or n_images % len(prompts):
-            raise ValueError(
+            raise ConfigError(
                 f"{len(prompts)} prompts do not fit {n_images} images: pass one prompt per image, "
                 "or the prompts of a prompt-major grid (len(images) a multiple of len(prompts))"
             )
@@ -221,13 +222,13 @@ def score_images(baseline: np.ndarray, images: np.ndarray, prompts, scorer: Clip
     """
     baseline, images = _check_images(baseline), _check_images(images)
     if baseline.shape != images.shape:
-        raise ValueError(f"baseline {baseline.shape} and images {images.shape} differ in shape")
+        raise ConfigError(f"baseline {baseline.shape} and images {images.shape} differ in shape")
     per_prompt, seed_index = expand_prompts(prompts, len(images))
     table = pd.DataFrame({"image": range(len(images)), "prompt": per_prompt, "seed_index": seed_index})
     if seeds is not None:
         seeds = list(seeds)
         if max(seed_index) >= len(seeds):
-            raise ValueError(f"{len(seeds)} seeds given, but a prompt has {max(seed_index) + 1} images")
+            raise ConfigError(f"{len(seeds)} seeds given, but a prompt has {max(seed_index) + 1} images")
         table["seed"] = [seeds[i] for i in seed_index]
     table["psnr"] = [psnr(a, b) for a, b in zip(baseline, images)]
     table["ssim"] = [ssim(a, b) for a, b in zip(baseline, images)]

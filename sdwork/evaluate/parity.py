@@ -23,6 +23,7 @@ from sdwork.convert import components as C
 from sdwork.evaluate.psnr import signal_psnr
 from sdwork.convert.into_torch import check_belongs, load_package_into_module
 from sdwork.coreml.package import metadata, package_size
+from sdwork.errors import ConfigError
 
 LINUX_MIN_DB = 60.0  # weights equal up to fp16 rounding give far more
 MACOS_MIN_DB = 35.0  # Apple's --check-output-correctness threshold
@@ -76,7 +77,7 @@ def macos_parity(package, sp: C.Component, args: list[torch.Tensor], ref: list[n
     shapes = _shapes_from_meta(package)
     pred = model.predict({t.name: a.numpy().astype(t.dtype) for t, a in zip(sp.inputs(shapes), args)})
     outs = [np.asarray(pred[t.name]) for t in sp.outputs(shapes)]
-    db = min(psnr(r, o) for r, o in zip(ref, outs))
+    db = min(signal_psnr(r, o) for r, o in zip(ref, outs))
     return dict(macos_psnr=db, macos_pass=bool(db >= MACOS_MIN_DB), macos_status="ran MLModel.predict")
 
 
@@ -114,7 +115,7 @@ def real_inputs(pipe, component: str, shapes: C.Shapes, prompts=PROMPTS) -> list
     needs = ("vae", "text_encoder") if component == "unet" else ("vae",)
     missing = [m for m in needs if getattr(pipe, m, None) is None]
     if missing:
-        raise ValueError(f"real inputs for {component} are made with the pipeline's {' and '.join(needs)}, "
+        raise ConfigError(f"real inputs for {component} are made with the pipeline's {' and '.join(needs)}, "
                          f"but it has no {', '.join(missing)}; load the full pipeline")
     image = real_image(shapes.image_size)
     if component == "vae_encoder":

@@ -70,6 +70,8 @@ _RECIPE_FIELDS = [f.name for f in fields(Recipe)]
 def expand(grid: dict, **defaults) -> list[Recipe]:
     """Cartesian product of the listed Recipe fields (a single value is a list of one)."""
     grid = validate.known_keys("the grid's 'grid' section", grid, _RECIPE_FIELDS)
+    if not grid:
+        return []  # the product of no lists is one empty combination, not a recipe
     keys = list(grid)
     values = [v if isinstance(v, (list, tuple)) else [v] for v in grid.values()]
     if "components" in grid and not any(isinstance(v, (list, tuple)) for v in grid["components"]):

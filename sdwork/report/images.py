@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from sdwork.errors import ConfigError
+
 
 def image_grid(rows: dict[str, np.ndarray], col_titles: list[str] | None = None, cell: float = 1.4,
                max_cols: int = 12):
@@ -13,10 +15,10 @@ def image_grid(rows: dict[str, np.ndarray], col_titles: list[str] | None = None,
     import matplotlib.pyplot as plt
 
     if not rows:
-        raise ValueError("image_grid needs at least one row of images")
+        raise ConfigError("image_grid needs at least one row of images")
     n = {len(v) for v in rows.values()}
     if len(n) != 1:
-        raise ValueError(f"every row needs the same number of images, got {sorted(n)}")
+        raise ConfigError(f"every row needs the same number of images, got {sorted(n)}")
     cols = min(n.pop(), max_cols)
     fig, axes = plt.subplots(len(rows), cols, figsize=(cell * cols + 1.2, cell * len(rows)), squeeze=False)
     for r, (label, images) in enumerate(rows.items()):

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pandas as pd
 
+from sdwork.errors import ConfigError
+
 METRIC_LABELS = {
     "psnr": "PSNR vs fp16 (dB, pooled)",
     "ssim": "SSIM vs fp16",
@@ -32,7 +34,7 @@ def size_vs_metrics(results: pd.DataFrame, metrics=None, x: str = "size_bytes"):
 
     metrics = [m for m in (metrics or METRIC_LABELS) if m in results]
     if results.empty or not metrics:
-        raise ValueError("no results to plot: run the sweep first (Experiment.sweep)")
+        raise ConfigError("no results to plot: run the sweep first (Experiment.sweep)")
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6), squeeze=False)
     groups = _variant_kind(results)
     for ax, m in zip(axes[0], metrics):
@@ -100,10 +102,10 @@ def layer_errors(errors: pd.DataFrame, title: str = "", top: int = 40):
     import matplotlib.pyplot as plt
 
     if errors.empty:
-        raise ValueError("no layers to plot")
+        raise ConfigError("no layers to plot")
     df = errors[errors["changed"]].sort_values("snr_db").head(top)
     if df.empty:
-        raise ValueError("no weight differs from fp16: nothing was compressed in this variant")
+        raise ConfigError("no weight differs from fp16: nothing was compressed in this variant")
     labels = [(t or n) for t, n in zip(df["torch_name"], df["name"])]
     fig, ax = plt.subplots(figsize=(7, 0.18 * len(df) + 1.2))
     ax.barh(range(len(df)), df["snr_db"], color="tab:blue")
