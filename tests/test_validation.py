@@ -157,3 +157,18 @@ def test_the_grid_files_and_their_commented_examples_are_valid():
     example = text.split("recipes: []", 1)[1].split("e.g.", 1)[1].strip()
     grid = yaml.safe_load(text)
     load_grid({**grid, "recipes": [yaml.safe_load(example)]})
+
+
+def test_engine_errors_say_the_fix_once(tmp_path):
+    """An engine refusal reaching a user names the fix once, not once per layer of wrapping."""
+    from sdwork.compress.apply import compress
+    from sdwork.convert.export import convert_pipeline
+    from sdwork.errors import EngineError
+
+    pipe = load_pipeline("tiny-random", progress=False)
+    fp16 = convert_pipeline(pipe, tmp_path / "fp16", components=("text_encoder",), progress=False)
+    r = Recipe(nbits=4, components=("text_encoder",), engine="sdwork")
+    object.__setattr__(r, "cluster_dim", 2)  # past the Recipe's own check, to reach the engine's
+    with pytest.raises(EngineError) as e:
+        compress(r, fp16, tmp_path / "out", progress=False)
+    assert str(e.value).count("engine='coremltools'") == 1

@@ -129,9 +129,7 @@ def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool, keep_
         try:
             out, report = palettize_mlmodel_with_report(ml, config, progress=progress, engine=recipe.engine)
         except NotImplementedError as e:
-            raise EngineError(
-                f"engine {recipe.engine!r} does not cover recipe {recipe.name}: {e}; run it with engine='coremltools'"
-            ) from e
+            raise EngineError(f"engine {recipe.engine!r} does not cover recipe {recipe.name}: {e}") from e  # e names the fix
     if dst.exists():
         shutil.rmtree(dst)
     out.save(str(dst))
