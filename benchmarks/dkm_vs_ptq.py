@@ -73,9 +73,9 @@ def main(argv=None):
               f"PSNR {ours['psnr'] - ptq['psnr']:+.2f} dB, SSIM {ours['ssim'] - ptq['ssim']:+.4f}; "
               f"phase {phase_s[s.name]:.0f} s (training {ours['train_s']:.0f} s wall, {ours['train_cpu_s']:.0f} s CPU)")
     total = time.perf_counter() - t0
-    print(f"\ntimes: prepare (baseline + fp16 packages) {t_prep:.0f} s, post-training + DKM {sum(phase_s.values()):.0f} s, "
-          f"total {total:.0f} s ({total / 60:.1f} min) wall, {time.process_time() - c0:.0f} s CPU "
-          "(wall exceeds CPU/threads when other jobs share the machine)")
+    print(f"\ntimes: prepare (baseline + fp16 packages) {t_prep:.0f} s, "
+          f"post-training + DKM {sum(phase_s.values()):.0f} s, total {total:.0f} s ({total / 60:.1f} min) wall, "
+          f"{time.process_time() - c0:.0f} s CPU (wall exceeds CPU/threads when other jobs share the machine)")
     print(f"peak resident memory of this process: {peak:.2f} GiB; results: {exp.out / RESULTS}")
 
 

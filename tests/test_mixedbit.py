@@ -358,6 +358,8 @@ def test_study_settings_are_checked_before_any_work(tmp_path):
                       (dict(curve_bits=[0.5]), "curve_bits"), (dict(match_group=0), "match_group")]:
         with pytest.raises(ConfigError, match=match):
             mb.study(exp, cfg, **kw)
+    with pytest.raises(ConfigError, match="sensitivity must be a SensitivityConfig"):
+        mb.study(exp, dict(nbits=(2, 8)))
     assert not (exp.out / "sensitivity.json").exists()
 
 

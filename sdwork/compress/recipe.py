@@ -40,7 +40,7 @@ class LayerSpec:
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", implied_granularity(self.granularity, self.group_size))
-        _check_lut(self.nbits, self.granularity, self.group_size, cluster_dim=1, what="override")
+        check_lut(self.nbits, self.granularity, self.group_size, cluster_dim=1, what="override")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Recipe:
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", implied_granularity(self.granularity, self.group_size))
-        _check_lut(self.nbits, self.granularity, self.group_size, self.cluster_dim, what="recipe")
+        check_lut(self.nbits, self.granularity, self.group_size, self.cluster_dim, what="recipe")
         validate.choice("mode", self.mode, MODES)
         if self.cluster_dim > 1 and self.mode != "kmeans":
             raise ConfigError(f"cluster_dim={self.cluster_dim} (vector palettization) needs mode='kmeans'")
@@ -192,7 +192,8 @@ def _check_engine(r: "Recipe") -> None:
                           "engine='coremltools' or 'torch' for cluster_dim > 1")
 
 
-def _check_lut(nbits, granularity, group_size, cluster_dim, what: str):
+def check_lut(nbits, granularity, group_size, cluster_dim, what: str):
+    """The LUT fields of a recipe, an override or DKM settings, checked together (what names the owner)."""
     if isinstance(nbits, bool) or not isinstance(nbits, int) or nbits not in NBITS:
         raise ConfigError(f"{what}: nbits={nbits!r} is not supported by Core ML palettization; use one of "
                           f"{', '.join(map(str, NBITS))} (a whole number)")

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sdwork import hooks
-from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, _check_lut, implied_granularity
+from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, check_lut, implied_granularity
 from sdwork.errors import ConfigError, MismatchError, PackageError
 from sdwork.generate import torch_threads
 from sdwork.io import as_json, digest, write_json
@@ -80,14 +80,14 @@ class DKMSettings:
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", implied_granularity(self.granularity, self.group_size))
-        _check_lut(self.nbits, self.granularity, self.group_size, self.cluster_dim, what="DKM settings")
+        check_lut(self.nbits, self.granularity, self.group_size, self.cluster_dim, what="DKM settings")
         for name in ("steps", "batch", "kmeans_iters", "kmeans_n_init", "threads", "ckpt_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0 <= self.milestone < self.steps:
             raise ConfigError(f"milestone must be in [0, steps={self.steps}), got {self.milestone}: "
-                             "palettization has to start before training ends")
+                              "palettization has to start before training ends")
         if not (self.lr > 0 and self.tau > 0):
             raise ConfigError(f"lr and tau must be > 0, got lr={self.lr}, tau={self.tau}")
         if self.init not in INITS:
@@ -451,7 +451,8 @@ def convert(pipe, unet: torch.nn.Module, out_dir, s: DKMSettings, target: str | 
     target = target or s.min_target
     check_target(target, s)
     if not any("_COREML_" in k for k, _ in unet.named_buffers()):
-        raise ConfigError("this UNet carries no palettization metadata: pass DKMRun.unet (finalized by sdwork.experiments.dkm.train)")
+        raise ConfigError("this UNet carries no palettization metadata: pass DKMRun.unet (finalized by "
+                          "sdwork.experiments.dkm.train)")
     source = copy.copy(pipe)  # the packages are tied to the fp16 model, not to the DKM weights
     with _swapped(pipe, "unet", unet):
         paths = convert_pipeline(pipe, out_dir, components=("unet",), target=target, progress=progress, source=source)
@@ -499,7 +500,7 @@ def check_luts(package, run: DKMRun) -> pd.DataFrame:
             bad.append(name)
     if bad:
         raise PackageError(f"{package}: {len(bad)} DKM-palettized weight(s) are not stored as the expected LUT "
-                         f"(e.g. {bad[0]}); the conversion dropped the palettization metadata")
+                           f"(e.g. {bad[0]}); the conversion dropped the palettization metadata")
     return pd.DataFrame(rows)
 
 

@@ -37,8 +37,9 @@ import pandas as pd
 
 from sdwork import validate
 from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, NBITS, LayerSpec, Recipe
-from sdwork.errors import ConfigError, MismatchError
-from sdwork.experiments.sensitivity import FP16, Layer, candidate_name, parse_candidate
+from sdwork.errors import ConfigError, MismatchError, check_type
+from sdwork.experiments.sensitivity import (FP16, Layer, Sensitivity, SensitivityConfig, candidate_name,
+                                            parse_candidate)
 
 OBJECTIVES = ("latent_mse", "image_mse")
 METHODS = ("greedy", "apple")
@@ -150,7 +151,7 @@ def greedy(options: dict[str, list[Option]], budget_bytes: int | None = None, ma
         smallest = sum(h[-1].bytes for h in hulls.values())
         if budget_bytes < smallest:
             raise ConfigError(f"budget of {budget_bytes} bytes is below the smallest possible allocation "
-                             f"({smallest} bytes, every layer at its smallest candidate); raise the target bits")
+                              f"({smallest} bytes, every layer at its smallest candidate); raise the target bits")
     pos = {l: 0 for l in hulls}
     total, drift = sum(h[0].bytes for h in hulls.values()), sum(h[0].drift for h in hulls.values())
     heap = [(_slope(h, 0), i, l) for i, (l, h) in enumerate(hulls.items()) if len(h) > 1]
@@ -230,7 +231,7 @@ def apple_for_budget(options: dict[str, list[Option]], cumulative: pd.DataFrame,
     first = apple(options, cumulative, thresholds[0], metric)
     if first.bytes > budget_bytes:
         raise ConfigError(f"even the smallest Apple recipe takes {first.bytes} bytes, above the budget of "
-                         f"{budget_bytes}; raise the target bits")
+                          f"{budget_bytes}; raise the target bits")
     lo, hi = 0, len(thresholds) - 1  # invariant: thresholds[lo] fits
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -517,10 +518,11 @@ class Study:
 def study(exp, sensitivity, match_bits=(4, 3), match_group: int | None = 16, methods=METHODS,
           objective="image_mse", curve_bits=(2.5, 3.0, 3.5, 4.0, 5.0, 6.0), apple_per_tensor: bool = True,
           engine: str = "sdwork", progress: bool = True) -> Study:
-    """Mixed-bit against uniform palettization of the UNet at equal or smaller size, in `exp`'s folder.
+    """Mixed-bit against uniform palettization of one component (the sensitivity config's, the UNet by
+    default) at equal or smaller size, in `exp`'s folder.
 
-    1. uniform recipes: `match_bits` bits, per-tensor and with group size `match_group` (None: per-tensor
-       only), through `exp.run` (method 'uniform');
+    1. uniform recipes of that component: `match_bits` bits, per-tensor and with group size `match_group`
+       (None: per-tensor only), through `exp.run` (method 'uniform');
     2. the sensitivity analysis of `sensitivity` (a SensitivityConfig; its model is `exp`'s) on exp.pipe,
        cached in exp.out (a rerun only measures what is missing);
     3. Apple's cumulative pass when 'apple' is in `methods` (per-tensor candidates only with
@@ -532,8 +534,7 @@ def study(exp, sensitivity, match_bits=(4, 3), match_group: int | None = 16, met
 
     `objective` (the greedy's additive drift) may name several: one greedy recipe per objective and
     budget, Apple's recipes once."""
-    from sdwork.experiments.sensitivity import Sensitivity
-
+    check_type("sensitivity", sensitivity, SensitivityConfig, "e.g. SensitivityConfig(nbits=(2, 4, 8))")
     methods = _methods(methods)
     objectives = _objectives(objective)
     match_bits = validate.sequence("match_bits", match_bits, lambda w, b: validate.choice(w, b, NBITS), "[4, 3]")
@@ -543,7 +544,8 @@ def study(exp, sensitivity, match_bits=(4, 3), match_group: int | None = 16, met
     config = dataclasses.replace(sensitivity, model=exp.model)  # the rows depend on the model exp holds
     t0 = time.perf_counter()
 
-    uniform = [uniform_recipe(b, g, engine=engine) for b in match_bits for g in dict.fromkeys((None, match_group))]
+    component = config.component
+    uniform = [uniform_recipe(b, g, component, engine) for b in match_bits for g in dict.fromkeys((None, match_group))]
     uniform_rows = add_rows(exp, [(r, dict(method="uniform")) for r in uniform], progress)
     t_uniform = time.perf_counter()
 
@@ -562,9 +564,9 @@ def study(exp, sensitivity, match_bits=(4, 3), match_group: int | None = 16, met
         curve.to_csv(exp.out / CURVE, index=False)
     t_curve = time.perf_counter()
 
-    unet_bytes = uniform_rows.groupby("nbits")["bytes_unet"].min()
-    budgets = {f"{b}-bit": (int(unet_bytes[b]), LayerSpec(b)) for b in match_bits}
-    package, weight_map = exp.fp16_packages(("unet",))["unet"], exp.weight_maps(("unet",))["unet"]
+    package_bytes = uniform_rows.groupby("nbits")[f"bytes_{component}"].min()
+    budgets = {f"{b}-bit": (int(package_bytes[b]), LayerSpec(b)) for b in match_bits}
+    package, weight_map = exp.fp16_packages((component,))[component], exp.weight_maps((component,))[component]
     entries = []
     for i, obj in enumerate(objectives):  # Apple's method does not use the objective: once
         entries += mixed_recipes(sens, table, package, weight_map, budgets,

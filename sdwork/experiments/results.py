@@ -67,7 +67,9 @@ def variant_package(run_dir, name: str, component: str) -> Path:
 
 
 def load_images(run_dir, name: str) -> np.ndarray:
-    path = Path(run_dir) / "images" / f"{name}.npz"
+    """A variant's images by row name (a labelled row shares its recipe's images file)."""
+    row = next((r for r in rows(run_dir) if r["name"] == name), None)
+    path = Path(run_dir) / (row["images"] if row and row.get("images") else f"images/{name}.npz")
     if not path.exists():
         raise ConfigError(f"no images for {name!r} in {path.parent}; is it a variant of this run?")
     return np.load(path)["images"]

@@ -256,12 +256,12 @@ class Sensitivity:
             unknown = sorted(set(config.only_layers) - {l.module for l in layers})
             if unknown:
                 raise ConfigError(f"only_layers names {unknown[:3]}, which are not Linear/Conv2d weights of "
-                                 f"{config.component} above {config.min_numel} elements; see eligible_layers()")
+                                  f"{config.component} above {config.min_numel} elements; see eligible_layers()")
             layers = [l for l in layers if l.module in set(config.only_layers)]
         self.layers = layers[: config.max_layers] if config.max_layers else layers
         if not self.layers:
-            raise ConfigError(f"no Linear/Conv2d weight in {config.component} has more than {config.min_numel} elements; "
-                             "lower min_numel")
+            raise ConfigError(f"no Linear/Conv2d weight in {config.component} has more than {config.min_numel} "
+                              "elements; lower min_numel")
         self.weights_hash = weights_hash(self.pipe)
         # rows are only comparable under the same settings: refuse to mix them in one folder
         claim(self.dir / CONFIG, self.describe(), "a sensitivity analysis")
@@ -362,8 +362,8 @@ class Sensitivity:
             order = cumulative_order(single, name)
             have = [r for r in rows if r["candidate"] == name]
             if [r["layer"] for r in have] != order[: len(have)]:
-                raise MismatchError(f"{self.dir / CUMULATIVE} has a different layer order for {name} than the single-layer "
-                                 "table gives now; delete cumulative.jsonl to recompute it")
+                raise MismatchError(f"{self.dir / CUMULATIVE} has a different layer order for {name} than the "
+                                    "single-layer table gives now; delete cumulative.jsonl to recompute it")
             self._cumulate(spec, order, len(have))
         return self.cumulative_table()
 
