@@ -10,6 +10,7 @@ from pathlib import Path
 # one cache for the whole session (notebook kernels inherit it), removed at exit
 _CACHE = tempfile.mkdtemp(prefix="sdwork-test-cache-")
 os.environ["SDWORK_CACHE"] = _CACHE
+os.environ["NUMBA_CACHE_DIR"] = os.path.join(_CACHE, "numba")  # numba's cache=True writes beside the sources
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # before any Hugging Face import: their constants read the environment once
 os.environ["HF_HUB_OFFLINE"] = "1"
