@@ -64,14 +64,13 @@ def score(baseline: np.ndarray, images: np.ndarray, settings: GenSettings, score
     return table, per_prompt, means
 
 
-def variant_row(done, ev: Evaluation, fp16_packages: dict, weight_maps: dict) -> dict:
+def variant_row(done, ev: Evaluation, fp16_bytes: int, weight_maps: dict) -> dict:
     """The measured columns of a results row: the recipe, exact sizes, the weights left dense and
-    why, the metrics and the timings (the caller adds key, name and where files are)."""
+    why, the metrics and the timings (the caller adds key, name and where files are). fp16_bytes:
+    weight.bin bytes of the fp16 packages of the same components (the size_ratio's denominator)."""
     from sdwork.compress.apply import summarise_uncompressed, uncompressed_layers
-    from sdwork.coreml.sizes import package_sizes
 
     recipe = done.recipe
-    fp16_bytes = sum(package_sizes(p).weight_bin_bytes for p in fp16_packages.values())
     layers = uncompressed_layers(done, weight_maps)
     sizes = size_columns(done)
     return dict(

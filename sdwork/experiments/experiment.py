@@ -82,6 +82,7 @@ class Experiment:
         self.scorer_hash = module_hash(self.scorer.model) if self.scorer else None
         self._baseline = None
         self._packages: dict[str, Path] = {}
+        self._facts: dict[Path, tuple[int, dict]] = {}  # fp16 package -> (weight.bin bytes, weight map)
 
     # --- what every variant shares
 
@@ -110,9 +111,16 @@ class Experiment:
         return {c: self._packages[c] for c in wanted}
 
     def weight_maps(self, components=GENERATION_COMPONENTS) -> dict[str, dict[str, str]]:
-        from sdwork.convert.weightmap import load_weight_map
+        return {c: self._fp16_facts(p)[1] for c, p in self.fp16_packages(components).items()}
 
-        return {c: load_weight_map(p) for c, p in self.fp16_packages(components).items()}
+    def _fp16_facts(self, package: Path) -> tuple[int, dict]:
+        """An fp16 package's size and weight map, read once: every variant's row needs them."""
+        if package not in self._facts:
+            from sdwork.convert.weightmap import load_weight_map
+            from sdwork.coreml.sizes import package_sizes
+
+            self._facts[package] = (package_sizes(package).weight_bin_bytes, load_weight_map(package))
+        return self._facts[package]
 
     def key(self, recipe: Recipe, **extra) -> str:
         """The row key: everything a variant's row depends on, plus what a producer adds in `extra`."""
@@ -218,7 +226,8 @@ class Experiment:
         images_file = self.out / "images" / f"{name}.npz"
         images_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(images_file, images=ev.images)
-        row = variant_row(done, ev, self.fp16_packages(), self.weight_maps(done.recipe.components))
+        fp16_bytes = sum(self._fp16_facts(p)[0] for p in self.fp16_packages().values())
+        row = variant_row(done, ev, fp16_bytes, self.weight_maps(done.recipe.components))
         folder = Path(done.packages[done.recipe.components[0]]).parent
         row.update(key=key, name=name, status=R.OK, model=self.model, weights_hash=self.weights_hash,
                    clip_model=getattr(self.scorer, "name", None), images=str(images_file.relative_to(self.out)),
