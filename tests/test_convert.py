@@ -62,26 +62,57 @@ def test_writes_every_package_weight_map_and_tokenizer(converted, pipe):
     assert (sizes.target == "iOS18").all() and (sizes.weights_mb > 0).all()
 
 
-@pytest.mark.slow
-def test_inputs_and_outputs_named_as_apple(converted):
-    io = io_table(converted).set_index(["component", "io", "name"])
-    expected = {
-        ("text_encoder", "input", "input_ids"): ((1, 77), "int32"),
-        ("text_encoder", "output", "last_hidden_state"): ((1, 77, 64), "float32"),
-        ("text_encoder", "output", "pooler_output"): ((1, 64), "float32"),
-        ("unet", "input", "sample"): ((2, 4, 8, 8), "float32"),
-        ("unet", "input", "timestep"): ((2,), "float32"),
-        ("unet", "input", "encoder_hidden_states"): ((2, 77, 64), "float32"),
-        ("unet", "output", "noise_pred"): ((2, 4, 8, 8), "float32"),
-        ("vae_decoder", "input", "z"): ((1, 4, 8, 8), "float32"),
-        ("vae_decoder", "output", "image"): ((1, 3, 64, 64), "float32"),
-        ("vae_encoder", "input", "image"): ((1, 3, 64, 64), "float32"),
-        ("vae_encoder", "output", "latent"): ((1, 4, 8, 8), "float32"),
-    }
+# Apple's contract, written out from shared/APPLE_IO.md (Apple's torch2coreml.py and the Swift
+# pipeline): the tiny model's C = 64, h = w = 8, 64x64 images
+APPLE = {
+    ("text_encoder", "input", "input_ids"): ((1, 77), "float32"),
+    ("text_encoder", "output", "last_hidden_state"): ((1, 77, 64), "float32"),
+    ("text_encoder", "output", "pooled_outputs"): ((1, 64), "float32"),
+    ("unet", "input", "sample"): ((2, 4, 8, 8), "float16"),
+    ("unet", "input", "timestep"): ((2,), "float16"),
+    ("unet", "input", "encoder_hidden_states"): ((2, 64, 1, 77), "float16"),
+    ("unet", "output", "noise_pred"): ((2, 4, 8, 8), "float32"),
+    ("vae_decoder", "input", "z"): ((1, 4, 8, 8), "float16"),
+    ("vae_decoder", "output", "image"): ((1, 3, 64, 64), "float32"),
+    ("vae_encoder", "input", "x"): ((1, 3, 64, 64), "float16"),
+    ("vae_encoder", "output", "latent"): ((1, 8, 8, 8), "float32"),
+}
+DIFFUSERS = {
+    ("text_encoder", "input", "input_ids"): ((1, 77), "int32"),
+    ("text_encoder", "output", "last_hidden_state"): ((1, 77, 64), "float32"),
+    ("text_encoder", "output", "pooler_output"): ((1, 64), "float32"),
+    ("vae_encoder", "input", "image"): ((1, 3, 64, 64), "float32"),
+    ("vae_encoder", "output", "latent"): ((1, 4, 8, 8), "float32"),
+}
+
+
+def assert_io(packages, expected):
+    io = io_table(packages).set_index(["component", "io", "name"])
     assert set(io.index) == set(expected)
     for key, (shape, dtype) in expected.items():
         assert (io.loc[key, "shape"], io.loc[key, "dtype"]) == (shape, dtype), key
         assert io.loc[key, "description"]
+
+
+@pytest.mark.slow
+def test_inputs_and_outputs_follow_apples_contract(converted):
+    assert_io(converted, APPLE)
+    from sdwork.coreml.contract import contract_table
+
+    table = contract_table(converted)
+    assert table.matches.all(), table[~table.matches]
+
+
+@pytest.mark.slow
+def test_diffusers_layout_stays_available(pipe, tmp_path):
+    packages = convert_pipeline(pipe, tmp_path, components=["text_encoder", "vae_encoder"], io="diffusers",
+                                progress=False)
+    assert_io(packages, DIFFUSERS)
+    from sdwork.coreml.contract import contract_table
+
+    table = contract_table(packages).set_index("name")
+    assert not table.loc["input_ids", "matches"] and "int32" in table.loc["input_ids", "got"]
+    assert parity_report(pipe, packages, progress=False).linux_pass.all()
 
 
 def test_wrappers_compute_what_the_pipeline_computes(pipe):
@@ -92,12 +123,17 @@ def test_wrappers_compute_what_the_pipeline_computes(pipe):
     z, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10.0, 900.0]), torch.randn(2, 77, 64, generator=g)
     img = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
     with torch.no_grad():
-        hidden, pooled = C.TextEncoder(pipe.text_encoder)(ids.int())
-        ref = pipe.text_encoder(ids)
-        assert torch.equal(hidden, ref.last_hidden_state) and torch.equal(pooled, ref.pooler_output)
-        assert torch.equal(C.Unet(pipe.unet)(z, t, ctx), pipe.unet(z, t, encoder_hidden_states=ctx).sample)
+        for ids_as in (ids.int(), ids.float()):  # diffusers' int32 ids, Apple's float ids
+            hidden, pooled = C.TextEncoder(pipe.text_encoder)(ids_as)
+            ref = pipe.text_encoder(ids)
+            assert torch.equal(hidden, ref.last_hidden_state) and torch.equal(pooled, ref.pooler_output)
+        expected = pipe.unet(z, t, encoder_hidden_states=ctx).sample
+        assert torch.equal(C.Unet(pipe.unet, io="diffusers")(z, t, ctx), expected)
+        assert torch.equal(C.Unet(pipe.unet, io="apple")(z, t, ctx.transpose(1, 2).unsqueeze(2)), expected)
         assert torch.equal(C.VAEDecoder(pipe.vae)(z[:1]), pipe.vae.decode(z[:1]).sample)
-        assert torch.equal(C.VAEEncoder(pipe.vae)(img), pipe.vae.encode(img).latent_dist.mean)
+        posterior = pipe.vae.encode(img).latent_dist
+        assert torch.equal(C.VAEEncoder(pipe.vae, io="diffusers")(img), posterior.mean)
+        assert torch.equal(C.VAEEncoder(pipe.vae, io="apple")(img), posterior.parameters)
 
 
 @pytest.mark.slow
@@ -155,7 +191,7 @@ def test_parity_on_linux(converted, pipe):
     import platform
 
     if platform.system() != "Darwin":
-        assert report.macos_status.str.startswith("skipped: MLModel.predict needs the Core ML runtime").all()
+        assert report.macos_status.str.startswith("skipped: the Core ML runtime exists only on macOS").all()
         assert report.macos_psnr.isna().all() and report.macos_pass.isna().all()
 
 
@@ -249,7 +285,7 @@ def test_reduced_sd21_base_unet_converts_unchanged(tmp_path):
     assert wm.counts()["identity"] > 0  # random init: norms of ones / zeros, removed by coremltools
     row = parity_report(pipe, {"unet": path}, progress=False).iloc[0]
     assert row.max_weight_dev == 0 and row.linux_pass
-    assert io_table({"unet": path}).set_index("name").loc["encoder_hidden_states", "shape"] == (1, 77, 1024)
+    assert io_table({"unet": path}).set_index("name").loc["encoder_hidden_states", "shape"] == (1, 1024, 1, 77)
 
 
 @pytest.mark.slow
@@ -320,6 +356,6 @@ def test_notebook_converts_and_reports(tmp_path):
     folder = out / "tiny-random"
     parity = pd.read_csv(folder / "parity.csv")
     assert parity.component.tolist() == ["text_encoder", "vae_decoder"] and parity.linux_pass.all()
-    assert set(pd.read_csv(folder / "io.csv").name) == {"input_ids", "last_hidden_state", "pooler_output", "z", "image"}
+    assert set(pd.read_csv(folder / "io.csv").name) == {"input_ids", "last_hidden_state", "pooled_outputs", "z", "image"}
     assert (folder / "TextEncoder.mlpackage").is_dir() and (folder / "vocab.json").exists()
     assert len(pd.read_csv(folder / "sizes.csv")) == 2

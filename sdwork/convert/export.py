@@ -24,19 +24,25 @@ from sdwork.weights import fp16_hash
 from sdwork.errors import ConfigError
 
 # Bump when a package's layout or metadata changes: cached fp16 packages are keyed by it.
-FORMAT_VERSION = "2"
+FORMAT_VERSION = "3"
 
 
 def convert_pipeline(pipe, out_dir, components=C.COMPONENTS, target: str = "iOS18", unet_batch: int = 2,
-                     progress: bool = True, source=None) -> dict[str, Path]:
+                     progress: bool = True, source=None, io: str = "apple", attention: str = "original",
+                     chunks: int = 1) -> dict[str, Path]:
     """Convert the pipeline's components to <out_dir>/<Name>.mlpackage (+ weight maps, tokenizer files).
 
     Returns {component: package path}; the tokenizer files are written when the pipeline has one.
+    io: "apple" (the Swift package's contract) or "diffusers"; attention: the UNet's layout,
+    "original", "split_einsum" or "split_einsum_v2" (Neural Engine). chunks=2 also writes the UNet
+    as UnetChunk1 / UnetChunk2 beside Unet.mlpackage (see unet_chunks).
     `source` (another pipeline) names the model the packages derive from when `pipe` holds weights
     changed from it (palettized in torch, DKM): the packages are then evaluated against `source`.
     """
     components = C.check_components(components)
     _check_target(target)
+    check_unet_layout(pipe, components, unet_batch, io, attention)
+    _check_chunks(chunks, components)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if getattr(pipe, "tokenizer", None) is not None:
@@ -44,19 +50,58 @@ def convert_pipeline(pipe, out_dir, components=C.COMPONENTS, target: str = "iOS1
     paths = {}
     for comp in tqdm(components, desc="convert", disable=not progress):
         paths[comp] = convert_component(pipe, comp, out_dir, target=target, unet_batch=unet_batch,
-                                        progress=progress, source=source)
+                                        progress=progress, source=source, io=io, attention=attention)
+    if "unet" in paths:
+        _write_chunks(paths["unet"], chunks)
     return paths
 
 
+CHUNK_PACKAGES = ("UnetChunk1.mlpackage", "UnetChunk2.mlpackage")
+
+
+def unet_chunks(folder) -> dict[str, Path]:
+    """{"unet_chunk1": path, "unet_chunk2": path} of the UNet chunks in `folder` ({} when not chunked)."""
+    found = [Path(folder) / n for n in CHUNK_PACKAGES]
+    return {f"unet_chunk{i}": p for i, p in enumerate(found, 1)} if all(p.exists() for p in found) else {}
+
+
+def _write_chunks(unet_package: Path, chunks: int) -> None:
+    # chunks of an earlier conversion would belong to other weights: replaced or removed, never kept
+    for name in CHUNK_PACKAGES:
+        shutil.rmtree(unet_package.parent / name, ignore_errors=True)
+    if chunks == 2:
+        from sdwork.coreml.chunk import split_unet
+
+        split_unet(unet_package, unet_package.parent)
+
+
+def _check_chunks(chunks, components) -> None:
+    from sdwork import validate
+
+    validate.choice("chunks", chunks, (1, 2))
+    if chunks == 2 and "unet" not in components:
+        raise ConfigError("chunks=2 splits the UNet, but components does not include 'unet'; add it or use chunks=1")
+
+
+def check_unet_layout(pipe, components, unet_batch: int, io: str, attention: str) -> C.Shapes:
+    """Every refusal of a layout before anything is exported or written."""
+    shapes = C.Shapes.of(pipe, unet_batch, io, attention)
+    if attention != "original" and "unet" in components:
+        from sdwork.convert.neural_engine import check_unet
+
+        check_unet(C.torch_module(pipe, "unet"), attention)
+    return shapes
+
+
 def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet_batch: int = 2,
-                      progress: bool = True, source=None) -> Path:
+                      progress: bool = True, source=None, io: str = "apple", attention: str = "original") -> Path:
     """Export, convert, verify the weight map and save one component; returns the package path."""
     sp = C.spec(component)
     _check_target(target)
     module = C.torch_module(pipe, component)
-    shapes = C.Shapes.of(pipe, unet_batch)
+    shapes = check_unet_layout(pipe, (component,), unet_batch, io, attention)
     _check_float32(module, component)
-    wrapper = sp.wrapper(module)
+    wrapper = sp.wrap(module, shapes)
     with _eval(module), torch.no_grad():
         ep = export(wrapper, sp.inputs(shapes))
     placeholders = _placeholders(ep, wrapper, module)
@@ -70,6 +115,8 @@ def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet
         "component": component,
         **identity(source if source is not None else pipe, component),
         "target": target,
+        "io": io,
+        "attention": attention if component == "unet" else "original",
         "shapes": json.dumps(shapes.__dict__),
         "weightmap": wm.to_json(indent=None),
     })
@@ -98,8 +145,8 @@ def export(wrapper: torch.nn.Module, inputs: list[C.Tensor]):
 def example_input(t: C.Tensor) -> torch.Tensor:
     # tracing needs values of the right shape only; fixed seed keeps it deterministic
     g = torch.Generator().manual_seed(0)
-    if t.dtype == np.int32:
-        return torch.randint(0, 2, t.shape, generator=g, dtype=torch.int32)
+    if t.name == "input_ids":
+        return torch.randint(0, 2, t.shape, generator=g, dtype=torch.int32).to(torch.float32 if t.dtype != np.int32 else torch.int32)
     if t.name == "timestep":
         return torch.full(t.shape, 500.0)
     return torch.randn(t.shape, generator=g)
@@ -147,10 +194,19 @@ def register_alias_op() -> None:
 
 # ------------------------------------------------------------------ helpers
 def _placeholders(ep, wrapper: torch.nn.Module, module: torch.nn.Module) -> dict[str, str]:
-    """Exported placeholder name (p_<attr>_<param>) -> parameter name relative to the pipeline module."""
+    """Exported placeholder name (p_<attr>_<param>) -> parameter name relative to the pipeline module.
+
+    A wrapper holds the module's own parameters, or views of them (the Neural Engine UNet sees a
+    Linear weight as a 1x1 conv's): found by storage, never by copying."""
     relative = {id(p): n for n, p in module.named_parameters()}
+    by_storage = {(p.data_ptr(), p.numel()): n for n, p in module.named_parameters()}
     in_wrapper = dict(wrapper.named_parameters())
-    return {ph: relative[id(in_wrapper[fqn])] for ph, fqn in ep.graph_signature.inputs_to_parameters.items()}
+
+    def name(fqn):
+        p = in_wrapper[fqn]
+        return relative.get(id(p)) or by_storage[(p.data_ptr(), p.numel())]
+
+    return {ph: name(fqn) for ph, fqn in ep.graph_signature.inputs_to_parameters.items()}
 
 
 def _check_target(target: str) -> None:

@@ -15,6 +15,7 @@ def package_table(packages: dict[str, Path]) -> pd.DataFrame:
         meta = metadata(path)
         rows.append(dict(component=component, package=Path(path).name, size_mb=package_size(path) / 2**20,
                          weights_mb=weight_file_size(path) / 2**20, target=meta.get("target"),
+                         io=meta.get("io", "diffusers"), attention=meta.get("attention", "original"),
                          model=meta.get("model")))
     return pd.DataFrame(rows)
 

@@ -10,8 +10,7 @@ PSNR is Apple's definition (ml-stable-diffusion): peak = max |reference|.
 from __future__ import annotations
 
 import copy
-import json
-import platform
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdwork.convert import components as C
+from sdwork.evaluate.coreml_pipeline import no_runtime_reason
 from sdwork.evaluate.psnr import signal_psnr
 from sdwork.convert.into_torch import check_belongs, load_package_into_module
 from sdwork.coreml.package import metadata, package_size
@@ -49,26 +49,29 @@ def component_parity(pipe, component: str, package, prompts=PROMPTS, seed: int =
     test = _nan_copy(module, sp)
     load_package_into_module(test, component, package, same_weights=False)  # a blank copy
     inputs = {"random": random_inputs(sp, shapes, pipe, seed), "real": real_inputs(pipe, component, shapes, prompts)}
-    src_out = {k: _run(sp.wrapper(source), v) for k, v in inputs.items()}
+    # the reference is always the diffusers graph: a Neural Engine package is checked against it
+    reference = dataclasses.replace(shapes, attention="original")
+    src_out = {k: _run(sp.wrap(source, reference), v) for k, v in inputs.items()}
     row = dict(component=component, package=Path(package).name, size_mb=package_size(package) / 2**20,
                **{f"params_{k}": v for k, v in wm.counts().items()},
-               max_weight_dev=_max_dev(source, test, sp), **_psnrs(sp, test, inputs, src_out))
+               io=shapes.io, attention=shapes.attention,
+               max_weight_dev=_max_dev(source, test, sp), **_psnrs(sp, shapes, test, inputs, src_out))
     row["linux_pass"] = bool(min(row["psnr_random"], row["psnr_real"]) >= LINUX_MIN_DB)
     row.update(macos_parity(package, sp, inputs["random"], src_out["random"]))
     return row
 
 
-def _psnrs(sp, test, inputs, src_out) -> dict:
+def _psnrs(sp, shapes, test, inputs, src_out) -> dict:
     out = {}
     for kind, args in inputs.items():
-        got = _run(sp.wrapper(test), args)
+        got = _run(sp.wrap(test, shapes), args)
         out[f"psnr_{kind}"] = min(signal_psnr(r, g) for r, g in zip(src_out[kind], got))
     return out
 
 
 def macos_parity(package, sp: C.Component, args: list[torch.Tensor], ref: list[np.ndarray]) -> dict:
     """Core ML's own prediction against the fp16-rounded source: only where Core ML runs."""
-    reason = _no_runtime_reason()
+    reason = no_runtime_reason()
     if reason:
         return dict(macos_psnr=float("nan"), macos_pass=None, macos_status=f"skipped: {reason}")
     import coremltools as ct
@@ -81,16 +84,6 @@ def macos_parity(package, sp: C.Component, args: list[torch.Tensor], ref: list[n
     return dict(macos_psnr=db, macos_pass=bool(db >= MACOS_MIN_DB), macos_status="ran MLModel.predict")
 
 
-def _no_runtime_reason() -> str | None:
-    if platform.system() != "Darwin":
-        return f"MLModel.predict needs the Core ML runtime, which exists only on macOS (this is {platform.system()})"
-    try:
-        import coremltools.libcoremlpython  # noqa: F401
-    except ImportError as e:
-        return f"coremltools was installed without its Core ML bindings ({e})"
-    return None
-
-
 # ------------------------------------------------------------------ inputs
 def random_inputs(sp: C.Component, shapes: C.Shapes, pipe, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -101,7 +94,7 @@ def random_inputs(sp: C.Component, shapes: C.Shapes, pipe, seed: int = 0) -> lis
             out.append(torch.randint(0, vocab, t.shape, generator=g, dtype=torch.int32))
         elif t.name == "timestep":
             out.append(torch.randint(0, 1000, t.shape, generator=g).float())
-        elif t.name == "image":
+        elif t.name in ("image", "x"):
             out.append(torch.rand(t.shape, generator=g) * 2 - 1)
         else:
             out.append(torch.randn(t.shape, generator=g))
@@ -131,6 +124,8 @@ def real_inputs(pipe, component: str, shapes: C.Shapes, prompts=PROMPTS) -> list
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     texts = ["", prompts[0]][-shapes.unet_batch:]
     context = torch.cat([pipe.text_encoder(_ids(pipe, p).long()).last_hidden_state for p in texts])
+    if shapes.io == "apple":
+        context = context.transpose(1, 2).unsqueeze(2)  # (B, C, 1, 77)
     return [noisy.repeat(shapes.unet_batch, 1, 1, 1), t, context]
 
 
@@ -187,4 +182,4 @@ def _shapes(pipe, package) -> C.Shapes:
 
 def _shapes_from_meta(package) -> C.Shapes | None:
     raw = metadata(package).get("shapes")
-    return C.Shapes(**json.loads(raw)) if raw else None
+    return C.Shapes.from_json(raw) if raw else None

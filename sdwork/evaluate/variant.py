@@ -2,8 +2,8 @@
 
 The compressed packages are the truth: their decompressed weights (every LUT looked up
 exactly as Core ML would) are copied into a copy of the fp16 torch pipeline, which then
-generates the same fixed-seed images as the baseline. Running a package itself needs the
-Core ML runtime (macOS); sdwork does not do that yet, on any platform, so no row claims it.
+generates the same fixed-seed images as the baseline. On macOS the packages themselves can run
+instead (evaluator "coreml:<compute unit>", sdwork.evaluate.coreml_pipeline); each row says which ran.
 """
 from __future__ import annotations
 
@@ -39,12 +39,18 @@ def load_variant(pipe_fp16, packages: dict):
 
 
 def evaluate(pipe_fp16, packages: dict, settings: GenSettings, baseline: np.ndarray, scorer=None,
-             progress: bool = True) -> Evaluation:
-    """Generate with the packages' weights and score against `baseline` (the fp16 images)."""
+             progress: bool = True, evaluator: str = "torch") -> Evaluation:
+    """Generate with the packages' weights and score against `baseline` (the fp16 images).
+    evaluator: "torch" (the exact weights in PyTorch) or "coreml:<compute unit>" (macOS)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    pipe = load_variant(pipe_fp16, packages)
-    images = generate(pipe, settings, progress=progress)
-    del pipe
+    if evaluator == "torch":
+        pipe = load_variant(pipe_fp16, packages)
+        images = generate(pipe, settings, progress=progress)
+        del pipe
+    else:
+        from sdwork.evaluate.coreml_pipeline import generate_coreml
+
+        images = generate_coreml(pipe_fp16, packages, settings, evaluator.split(":", 1)[1], progress=progress)
     table, per_prompt, means = score(baseline, images, settings, scorer)
     return Evaluation(images, table, per_prompt, means, time.perf_counter() - t0, time.process_time() - c0)
 

@@ -64,13 +64,18 @@ class Experiment:
     """The shared state of a run folder; see the module docstring."""
 
     def __init__(self, model="tiny", settings: GenSettings | dict | None = None, scorer: str | None = "tiny",
-                 out=None, *, pipe=None, progress: bool = True, keep_packages: bool = True):
+                 out=None, *, pipe=None, progress: bool = True, keep_packages: bool = True,
+                 attention: str = "original", evaluator: str = "torch"):
+        from sdwork.convert.components import check_layout
+        from sdwork.evaluate.coreml_pipeline import check_evaluator
         from sdwork.evaluate.metrics import ClipScorer
         from sdwork.load import load_pipeline
         from sdwork.weights import module_hash, round_weights_to_fp16, weights_hash
 
         self.settings = _settings(settings)
         self.out = _out_dir(out)
+        check_layout("apple", attention)
+        self.attention, self.evaluator = attention, check_evaluator(evaluator)
         self.model, self.progress, self.keep_packages = str(model), progress, keep_packages
         if scorer is not None:
             validate.text("scorer", scorer, empty=False)
@@ -90,7 +95,8 @@ class Experiment:
     def setup(self) -> dict:
         """What every row of this folder depends on: the stamp in config.json."""
         return as_json(dict(model=self.model, weights_hash=self.weights_hash, scorer=self.scorer_spec,
-                            scorer_hash=self.scorer_hash, generation=asdict(self.settings)))
+                            scorer_hash=self.scorer_hash, generation=asdict(self.settings),
+                            attention=self.attention, evaluator=self.evaluator))
 
     @property
     def baseline(self) -> np.ndarray:
@@ -107,7 +113,7 @@ class Experiment:
 
         wanted = tuple(c for c in COMPONENTS if c in set(GENERATION_COMPONENTS) | set(components))
         if not set(wanted) <= set(self._packages):
-            self._packages = fp16_packages(self.pipe, wanted, progress=self.progress)
+            self._packages = fp16_packages(self.pipe, wanted, progress=self.progress, attention=self.attention)
         return {c: self._packages[c] for c in wanted}
 
     def weight_maps(self, components=GENERATION_COMPONENTS) -> dict[str, dict[str, str]]:
@@ -222,7 +228,8 @@ class Experiment:
     def _score(self, done, name: str, key: str) -> dict:
         from sdwork.evaluate.variant import evaluate, variant_row
 
-        ev = evaluate(self.pipe, done.packages, self.settings, self.baseline, self.scorer, progress=False)
+        ev = evaluate(self.pipe, done.packages, self.settings, self.baseline, self.scorer, progress=False,
+                      evaluator=self.evaluator)
         images_file = self.out / "images" / f"{name}.npz"
         images_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(images_file, images=ev.images)
@@ -231,7 +238,8 @@ class Experiment:
         folder = Path(done.packages[done.recipe.components[0]]).parent
         row.update(key=key, name=name, status=R.OK, model=self.model, weights_hash=self.weights_hash,
                    clip_model=getattr(self.scorer, "name", None), images=str(images_file.relative_to(self.out)),
-                   packages=_relative(folder, self.out), settings=asdict(self.settings))
+                   packages=_relative(folder, self.out), settings=asdict(self.settings),
+                   attention=self.attention, evaluator=self.evaluator)
         return row
 
     def _recorded(self, row: dict, reused: bool = True) -> Variant:
