@@ -1,8 +1,11 @@
 """Fixed-seed image generation, and the cached fp16 baseline.
 
 Images are made one (prompt, seed) at a time with a CPU generator seeded by
-`seed`, so an image never depends on what else is in the batch. The torch
-thread count changes the last bits of the result, so it is pinned and recorded.
+`seed`, so an image never depends on what else is in the batch, nor on the device
+(the initial noise is drawn on the CPU everywhere). The torch thread count changes
+the last bits of the result, so it is pinned and recorded. On CUDA and Apple-silicon
+(MPS) devices the pipeline runs in fp16, as the baseline there promises; the device
+and dtype are part of the baseline's cache key.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sdwork import paths, validate
+from sdwork.errors import EngineError
 from sdwork.io import digest, json_default
 from sdwork.weights import round_weights_to_fp16, weights_hash
 
@@ -22,6 +26,42 @@ from sdwork.weights import round_weights_to_fp16, weights_hash
 # two OpenMP threads wait on each other at every op (measured 50-80x slower under load).
 DEFAULT_THREADS = 1
 _EXAMPLE_PROMPTS = "['a small red circle on a gray background']"
+DEVICES = ("cpu", "cuda", "mps", "auto")
+
+
+def resolve_device(device: str) -> str:
+    """The device a setting names, refused when this machine has none ("auto": cuda, mps, cpu)."""
+    validate.choice("device", device, DEVICES)
+    have = {"cuda": torch.cuda.is_available(), "mps": _mps_available(), "cpu": True}
+    if device == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if have[d])
+    if not have[device]:
+        raise EngineError(f"device={device!r}, but this machine's torch ({torch.__version__}) sees no {device} "
+                          "device; use device='cpu' or 'auto', or install a torch build for that device")
+    return device
+
+
+def compute_dtype(device: str) -> torch.dtype:
+    """fp32 on the CPU (fp16 matmuls there are slow and not what the baseline measured), fp16 elsewhere."""
+    return torch.float32 if device == "cpu" else torch.float16
+
+
+def _mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+@contextlib.contextmanager
+def on_device(pipe, device: str):
+    """pipe moved to `device` in its compute dtype inside the block, back to the CPU in fp32 after.
+    Lossless for the pipelines sdwork generates with: their weights are fp16 values already."""
+    if device == "cpu":
+        yield pipe
+        return
+    pipe.to(device, compute_dtype(device))
+    try:
+        yield pipe
+    finally:
+        pipe.to("cpu", torch.float32)
 
 
 @contextlib.contextmanager
@@ -47,6 +87,7 @@ class GenSettings:
     width: int | None = None
     threads: int = DEFAULT_THREADS
     negative_prompt: str = field(default="")
+    device: str = "cpu"  # "cpu", "cuda", "mps" or "auto" (the first of those this machine has)
 
     def __post_init__(self):
         prompts = validate.sequence("prompts", self.prompts, lambda w, p: validate.text(w, p, empty=False),
@@ -63,6 +104,7 @@ class GenSettings:
                                            "model's native size or a multiple of 8")
         validate.integer("threads", self.threads, lo=1, hi=1024)
         validate.text("negative_prompt", self.negative_prompt)
+        validate.choice("device", self.device, DEVICES)
 
     @classmethod
     def from_dict(cls, d: dict, what: str = "generation settings") -> "GenSettings":
@@ -90,7 +132,13 @@ def native_size(pipe) -> int:
 @torch.no_grad()
 def generate(pipe, settings: GenSettings, progress: bool = True) -> np.ndarray:
     """uint8 images (len(prompts) * len(seeds), H, W, 3), prompt-major."""
+    device = resolve_device(settings.device)
     torch.set_num_threads(settings.threads)
+    with on_device(pipe, device):
+        return _generate(pipe, settings, progress)
+
+
+def _generate(pipe, settings: GenSettings, progress: bool) -> np.ndarray:
     size = native_size(pipe)
     h, w = settings.height or size, settings.width or size
     pipe.set_progress_bar_config(disable=True)
@@ -122,8 +170,19 @@ def baseline_key(pipe, settings: GenSettings) -> str:
         scheduler=type(pipe.scheduler).__name__,
         scheduler_config=dict(pipe.scheduler.config),
         torch=torch.__version__,
-        **asdict(settings),
+        **_settings_key(settings),
     ), n=20)
+
+
+def _settings_key(settings: GenSettings) -> dict:
+    """The settings with the resolved device and dtype ("auto" names no device). On the CPU the key
+    is what it was before devices existed, as the images are: cached baselines stay valid."""
+    d = asdict(settings)
+    resolved = resolve_device(d.pop("device"))
+    if resolved == "cpu":
+        return d
+    name = torch.cuda.get_device_name() if resolved == "cuda" else "apple-mps"
+    return dict(d, device=resolved, device_name=name, dtype=str(compute_dtype(resolved)))
 
 
 def fp16_baseline(pipe, settings: GenSettings, cache_dir: Path | None | str = "default",

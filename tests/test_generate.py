@@ -70,3 +70,38 @@ def test_fp16_baseline_is_generated_once(pipe, tmp_path, monkeypatch):
     fresh = load_pipeline("tiny-random", progress=False)  # not yet rounded: rounding happens inside
     assert np.array_equal(fp16_baseline(fresh, SETTINGS, cache_dir=tmp_path, progress=False), first)
     assert len(calls) == 2
+
+
+def test_cpu_key_is_unchanged_by_the_device_field(pipe):
+    """device='cpu' adds nothing to the baseline key: baselines cached before devices existed stay valid."""
+    assert "device" not in sg._settings_key(SETTINGS)
+    assert sg._settings_key(SETTINGS) == {k: v for k, v in dataclasses.asdict(SETTINGS).items() if k != "device"}
+
+
+def test_a_missing_device_is_refused_before_work(pipe):
+    import torch
+
+    from sdwork.errors import ConfigError, EngineError
+
+    with pytest.raises(ConfigError, match="device must be one of 'cpu', 'cuda', 'mps', 'auto', got 'gpu'"):
+        GenSettings(prompts=("a",), seeds=(0,), device="gpu")
+    assert sg.resolve_device("auto") in ("cuda", "mps", "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(EngineError, match=r"device='cuda', but this machine's torch .* sees no cuda device"):
+            generate(pipe, dataclasses.replace(SETTINGS, device="cuda"), progress=False)
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_images_are_deterministic_and_keyed_apart(pipe):
+    """On a GPU: fp16 compute, bit-identical reruns, a baseline key of its own, the pipeline back on
+    the CPU in fp32 after."""
+    import torch
+
+    cuda = dataclasses.replace(SETTINGS, device="cuda")
+    first, again = generate(pipe, cuda, progress=False), generate(pipe, cuda, progress=False)
+    assert np.array_equal(first, again)
+    assert baseline_key(pipe, cuda) != baseline_key(pipe, SETTINGS)
+    assert next(pipe.unet.parameters()).device.type == "cpu" and pipe.unet.dtype == torch.float32
+    # same initial noise (drawn on the CPU), fp16 compute: close to the CPU's images, not equal
+    cpu = generate(pipe, SETTINGS, progress=False)
+    assert np.abs(first.astype(int) - cpu.astype(int)).mean() < 8

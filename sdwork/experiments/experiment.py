@@ -72,7 +72,10 @@ class Experiment:
         from sdwork.load import load_pipeline
         from sdwork.weights import module_hash, round_weights_to_fp16, weights_hash
 
+        from sdwork.generate import resolve_device
+
         self.settings = _settings(settings)
+        resolve_device(self.settings.device)  # a device this machine lacks: refused before any work
         self.out = _out_dir(out)
         check_layout("apple", attention)
         self.attention, self.evaluator = attention, check_evaluator(evaluator)
