@@ -3,6 +3,7 @@
     sdwork sweep --grid default --out runs/sweep
     sdwork results runs/sweep
     sdwork sizes runs/sweep/variants/km4-g16-sdwork/Unet.mlpackage
+    sdwork bundle runs/sweep --out runs/ship --variant km4-g16-sdwork --chunks 2
 
 Bad input is reported in one line naming the fix (exit status 2); --debug shows the traceback.
 Any other error is a bug in sdwork and says so (exit status 1).
@@ -70,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     z.add_argument("packages", nargs="+")
     z.add_argument("--layers", action="store_true", help="also print one line per weight")
     z.set_defaults(func=_sizes)
+
+    b = sub.add_parser("bundle", help="write the Resources folder Apple's Swift StableDiffusion package loads")
+    b.add_argument("source", help="a run folder (see --variant) or a folder of .mlpackage files")
+    b.add_argument("--out", required=True, help="folder to write Resources/ into")
+    b.add_argument("--variant", help="the run's row to bundle (default: fp16, the unpalettized packages)")
+    b.add_argument("--chunks", type=int, choices=[1, 2], default=1,
+                   help="2: the UNet as UnetChunk1 + UnetChunk2 (iOS, unless its weights are 6-bit or smaller)")
+    b.set_defaults(func=_bundle)
     return p
 
 
@@ -118,6 +127,13 @@ def _sizes(args) -> int:
         print(p, " ".join(f"{k}={v}" for k, v in s.summary().items()))
         if args.layers:
             print(s.table().to_string(index=False))
+    return 0
+
+
+def _bundle(args) -> int:
+    from sdwork.bundle import bundle
+
+    print(bundle(args.source, args.out, variant=args.variant, chunks=args.chunks))
     return 0
 
 

@@ -18,6 +18,7 @@ LAYERS = [
     ("evaluate", ["sdwork.evaluate", "sdwork.tiny.quality"]),
     ("experiments", ["sdwork.experiments"]),
     ("report", ["sdwork.report"]),
+    ("bundle", ["sdwork.bundle"]),
     ("top", ["sdwork.cli", "sdwork"]),
 ]
 
