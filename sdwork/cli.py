@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="model spec: tiny, tiny-random, a diffusers folder or hub id (default: the grid's)")
     s.add_argument("--engine", choices=["coremltools", "sdwork", "torch"], help="override the grid's engine")
     s.add_argument("--scorer", help="CLIP scorer: tiny, tiny-random, a folder or hub id (default: the grid's)")
+    s.add_argument("--attention", default="original", choices=["original", "split_einsum", "split_einsum_v2"],
+                   help="UNet layout of the packages (split_einsum_v2: the Neural Engine's); rows record it")
     s.add_argument("--limit", type=_positive, help="run at most this many of the grid's recipes (in grid order)")
     s.add_argument("--drop-packages", action="store_true", help="delete each variant's packages after scoring")
     s.add_argument("--no-progress", action="store_true")
@@ -91,7 +93,8 @@ def _sweep(args) -> int:
     t0 = time.perf_counter()
     exp, recipes = Experiment.from_grid(args.grid, args.out, model=args.model, engine=args.engine,
                                         scorer=args.scorer or "grid", limit=args.limit,
-                                        progress=not args.no_progress, keep_packages=not args.drop_packages)
+                                        progress=not args.no_progress, keep_packages=not args.drop_packages,
+                                        attention=args.attention)
     df = exp.sweep(recipes)
     failed = df[df.get("status", "ok") == "failed"] if "status" in df else df.iloc[:0]
     print(_table(summary_table(df.drop(failed.index))))
