@@ -50,8 +50,11 @@ test-fast: $(STAMP)
 strip: $(STAMP)
 	$(BIN)/nbstripout --extra-keys "metadata.papermill cell.metadata.papermill" $(NOTEBOOKS)
 
+# JupyterLab refuses to start as root without --allow-root (containers often run as root);
+# the check runs when the target does, so `sudo make lab` and a plain user both work.
+# Extra options: make lab LAB_ARGS="--no-browser --port 8899"
 lab: $(STAMP)
-	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(BIN)/jupyter lab $$(test "$$(id -u)" = 0 && echo --allow-root) $(LAB_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)
