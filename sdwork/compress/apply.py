@@ -1,11 +1,16 @@
 """Apply a Recipe to converted fp16 packages and write the compressed packages.
 
-Three engines, chosen by `recipe.engine`:
+A recipe of palettization alone runs on one of three engines, chosen by `recipe.engine`:
   "coremltools"  coremltools' palettize_weights pass on the Core ML program (the reference;
                  LUTs bit-identical to ct.optimize.coreml.palettize_weights);
   "sdwork"       the same pass with sdwork's exact k-means (sdwork.compress.palettize_fast);
   "torch"        coremltools.optimize.torch's PostTrainingPalettizer on the torch modules,
                  then conversion through sdwork.convert (the LUTs become constexpr ops).
+
+Every other recipe (linear quantization, pruning, joint compression, int8 LUTs, families
+mixed per layer) runs coremltools' passes stage by stage through sdwork.compress.chain, the
+palettization stage on the recipe's engine ("coremltools" or "sdwork"); its report has one
+row per weight with what each stage did.
 
 coremltools skips a weight it cannot palettize with only a log warning. Both Core ML
 engines run through a pass that records, per candidate const, whether it was palettized
@@ -32,10 +37,11 @@ import pandas as pd
 from sdwork.convert.components import spec
 from sdwork.errors import ConfigError, EngineError, PackageError
 from sdwork.quiet import coremltools_progress
+from sdwork.compress.families import TARGETS
 from sdwork.compress.recipe import Recipe
 from sdwork.coreml.sizes import PackageSizes, package_sizes
 
-_TARGETS = {"iOS16": 7, "iOS17": 8, "iOS18": 9}  # specificationVersion of each deployment target
+_TARGET_OF_SPEC = {v: k for k, v in TARGETS.items()}  # specificationVersion -> deployment target
 POLICY = "model-weights-only"  # what gets compressed; part of a sweep row's key
 
 
@@ -47,7 +53,8 @@ class Compressed:
     recipe: Recipe
     packages: dict[str, Path]  # every component: compressed ones in out_dir, the others the fp16 originals
     sizes: dict[str, PackageSizes]
-    # per component: the palettization pass's report, one row per candidate const (none for the torch engine)
+    # per component: the passes' report, one row per candidate const (palettize_fast.REPORT_COLUMNS) or, for
+    # a chained recipe, per weight (chain.REPORT_COLUMNS); none for the torch engine
     reports: dict[str, pd.DataFrame] = field(default_factory=dict)
     seconds: float = 0.0  # wall clock of the engine
     cpu_seconds: float = 0.0  # CPU time of this process (all threads): comparable across machine loads
@@ -118,22 +125,32 @@ def non_weight_consts(package) -> tuple[str, ...]:
 
 
 def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool, keep_dense: tuple[str, ...]) -> pd.DataFrame:
-    """Write the palettized package to dst; returns the pass's report."""
+    """Write the compressed package to dst; returns the passes' report."""
     import coremltools as ct
 
-    from sdwork.compress.palettize_fast import palettize_mlmodel_with_report
-
     ml = ct.models.MLModel(str(src), skip_model_load=True)
-    config = recipe.to_coreml_config(keep_dense)
     with _omp_single_thread(), coremltools_progress(progress):
         try:
-            out, report = palettize_mlmodel_with_report(ml, config, progress=progress, engine=recipe.engine)
+            out, report = _run_passes(recipe, ml, keep_dense, progress)
         except NotImplementedError as e:
             raise EngineError(f"engine {recipe.engine!r} does not cover recipe {recipe.name}: {e}") from e  # e names the fix
     if dst.exists():
         shutil.rmtree(dst)
     out.save(str(dst))
     return report
+
+
+def _run_passes(recipe: Recipe, ml, keep_dense: tuple[str, ...], progress: bool):
+    """(compressed MLModel, report): palettization alone on its own passes (bit-identical to what
+    it always wrote), anything else stage by stage."""
+    if recipe.palettize_only:
+        from sdwork.compress.palettize_fast import palettize_mlmodel_with_report
+
+        config = recipe.to_coreml_config(keep_dense)
+        return palettize_mlmodel_with_report(ml, config, progress=progress, engine=recipe.engine)
+    from sdwork.compress.chain import compress_mlmodel
+
+    return compress_mlmodel(ml, recipe, keep_dense, progress)
 
 
 def _check_target(package: Path, recipe: Recipe) -> None:
@@ -143,10 +160,13 @@ def _check_target(package: Path, recipe: Recipe) -> None:
 
     spec = Model_pb2.Model()
     spec.ParseFromString((Path(package) / MODEL).read_bytes())
-    if spec.specificationVersion < _TARGETS[recipe.min_target]:
+    version = spec.specificationVersion
+    if version < TARGETS[recipe.min_target]:
+        needs = [w for w, t in recipe.requirements() if TARGETS[t] > version]
         raise PackageError(
-            f"recipe {recipe.name} needs deployment target {recipe.min_target}, but {package} was converted for an "
-            f"older one (spec version {spec.specificationVersion}); re-convert with target='{recipe.min_target}'"
+            f"recipe {recipe.name} needs deployment target {recipe.min_target} (for {', '.join(needs)}), but {package} "
+            f"was converted for an older one ({_TARGET_OF_SPEC.get(version, f'spec version {version}')}); re-convert "
+            f"with target='{recipe.min_target}'"
         )
 
 
@@ -251,6 +271,25 @@ def check_fits(recipe: Recipe, pipe) -> None:
                 raise ConfigError(f"recipe {recipe.name}: {what}={n} divides the output channels of no layer of "
                                   f"{comp} (channels: {channels[:8]}), so nothing would be compressed; use a "
                                   f"{what} that divides them, e.g. one of {ok}")
+        _check_input_axis(recipe, comp, pipe)
+
+
+def _check_input_axis(recipe: Recipe, comp: str, pipe) -> None:
+    """Per-block scales and n:m groups run along a weight's input axis (1 for linear and conv):
+    a size dividing no layer's input channels would leave the component dense."""
+    from sdwork.convert.components import owned_parameters
+
+    inputs = sorted({p.shape[1] for n, p in owned_parameters(pipe, comp).items()
+                     if p.ndim >= 2 and p.numel() > recipe.weight_threshold and n.endswith("weight")})
+    m = recipe.n_m[1] if recipe.n_m else None
+    # n:m also needs two groups per row: coremltools skips a weight with m > channels / 2
+    for what, n, fits in (("block_size", recipe.block_size, lambda c, d: c % d == 0),
+                          ("n_m's m", m, lambda c, d: c % d == 0 and c >= 2 * d)):
+        if n and not any(fits(c, n) for c in inputs):
+            ok = sorted({d for c in inputs for d in (2, 4, 8, 16, 32, 64) if fits(c, d)})
+            raise ConfigError(f"recipe {recipe.name}: {what}={n} divides the input channels of no layer of {comp} "
+                              f"(input channels: {inputs[:8]}), so nothing would be compressed; use one that "
+                              f"divides them, e.g. one of {ok}")
 
 
 # --- what stayed dense, and why ----------------------------------------------------
@@ -287,8 +326,8 @@ def _reported_reason(row: dict | None, name: str, overrides: dict, not_weights: 
     if row is None:
         return "not a const the palettization pass considers (it palettizes float consts in the weight file)", \
             "not_a_candidate"
-    if row["status"] == "palettized":
-        return "reported palettized by the pass, yet stored dense in the package", "engine"
+    if row["status"] in ("palettized", "compressed", "partial"):
+        return "reported compressed by the pass, yet stored dense in the package", "engine"
     if row["kind"] == "no_config" and name in overrides:
         return "left fp16 by a recipe override", "override"
     if row["kind"] == "no_config" and name in not_weights:
@@ -327,6 +366,21 @@ def _output_axis(layer) -> int:
     if ("matmul", "y") in layer.consumers:
         return len(layer.shape) - 1
     return 0
+
+
+def partial_layers(result: Compressed, weight_maps: dict[str, dict[str, str]] | None = None) -> list[dict]:
+    """Every weight some stage of a chained recipe compressed while a later (or earlier) one
+    skipped it, e.g. pruned but not palettized: what it got, the first skipped stage and why."""
+    out = []
+    for comp, report in result.reports.items():
+        if "planned" not in report:
+            continue  # palettization alone: a weight is palettized or dense
+        names = {v: k for k, v in (weight_maps or {}).get(comp, {}).items()}
+        for r in report[report["status"] == "partial"].to_dict("records"):
+            skipped = next(s for s in r["planned"].split("+") if r[s] != "compressed")
+            out.append(dict(component=comp, name=r["op"], torch_name=names.get(r["op"]), numel=r["numel"],
+                            planned=r["planned"], done=r["done"], skipped=skipped, kind=r["kind"], reason=r["reason"]))
+    return out
 
 
 def summarise_uncompressed(layers: list[dict]) -> dict[str, dict]:

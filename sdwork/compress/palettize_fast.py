@@ -38,6 +38,7 @@ from coremltools.optimize import _utils as ct_optimize_utils
 from coremltools.optimize.coreml import OpPalettizerConfig, OptimizationConfig
 from coremltools.optimize.coreml._quantization_passes import palettize_weights as _CoremlPalettizePass
 
+from sdwork.compress import decisions as D
 from sdwork.compress import kmeans1d
 from sdwork.coreml.lut import lut_to_dense
 from sdwork.errors import ConfigError, PackageError
@@ -230,9 +231,8 @@ class SdworkPalettizePass(ReportingPalettizePass):
 
     @staticmethod
     def check(config: OptimizationConfig, joint_compression: bool) -> None:
-        if joint_compression:
-            raise NotImplementedError("joint compression (palettizing already pruned/quantized weights) is not "
-                                      "implemented by sdwork's palettizer; use engine='coremltools'")
+        # joint compression needs nothing of the LUT step: coremltools' transform_op hands it the
+        # pruned weight restored to dense (zeros included) and keeps only the nonzero indices
         check_config(config)
 
     def lut_params(self, original_data, mode, nbits, block_sizes, lut_function, cluster_dim, channel_axis,
@@ -262,34 +262,8 @@ def _check_opset(joint_compression: bool) -> None:
                            "re-convert it")
 
 
-def _row(op) -> dict:
-    shape = tuple(int(s) for s in op.outputs[0].shape)
-    return dict(op=op.name, shape=shape, numel=int(np.prod(shape)), status="skipped", kind="", reason="",
-                nbits=None, granularity=None, group_size=None, channel_axis=None, n_luts=0,
-                weight_sq_sum=np.nan, sq_err_sum=np.nan, rel_mse=np.nan)
-
-
-def _skip(row: dict, kind: str, reason: str) -> None:
-    row.update(status="skipped", kind=kind, reason=reason)
-
-
-def _why_no_config(op, config: OptimizationConfig) -> str:
-    if op.name in config.op_name_configs:
-        return "None for this op in op_name_configs: kept dense on purpose"
-    if not op.outputs[0].child_ops:
-        return "the const only feeds the block output (coremltools never compresses those)"
-    return "no config for this op (the global config is None)"
-
-
-def _why_not_eligible(op, op_config) -> tuple[str, str]:
-    numel = int(np.prod(op.outputs[0].shape))
-    if any(c.op_type.startswith("constexpr_") for c in op.outputs[0].child_ops):
-        return "already_compressed", "already feeds a compression op"
-    if op.outputs[0].rank <= 1:
-        return "one_d", "1-D tensor (coremltools never compresses those)"
-    if numel <= op_config.weight_threshold:
-        return "below_threshold", f"numel {numel} <= weight_threshold {op_config.weight_threshold}"
-    return "not_eligible", "not eligible for compression (coremltools need_compress_const)"
+# the row helpers are shared with the other families' passes (sdwork.compress.decisions)
+_row, _skip, _why_no_config, _why_not_eligible = D.row, D.skip, D.why_no_config, D.why_not_eligible
 
 
 def _why_transform_skipped(op, op_config) -> tuple[str, str]:

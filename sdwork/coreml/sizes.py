@@ -8,7 +8,9 @@ than 10 elements, e.g. tiny LUTs) are stored inline in the program instead.
 
 We walk the blob chain in weight.bin and the ops of the program, charge every
 blob to the weight that uses it, and check that header + blobs = file size, so
-the accounting agrees with the file on disk to the byte.
+the accounting agrees with the file on disk to the byte. A weight stored as a chain
+of constexpr ops (an int8 LUT dequantized then looked up; pruned values palettized
+then scattered) is one layer, charged every blob of its chain once.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sdwork.coreml.package import base_name
 from sdwork.errors import PackageError
 
 HEADER_BYTES = 64
@@ -35,8 +38,8 @@ class SizeAccountingError(PackageError):
 class Layer:
     """One weight as stored: a dense const, or a constexpr op (palettized) with its parts."""
 
-    name: str  # the const name, with coremltools' "_palettized" suffix dropped
-    op_type: str  # "const" or "constexpr_lut_to_dense", ...
+    name: str  # the const name, coremltools' suffixes ("_palettized", "_sparsified", ...) dropped
+    op_type: str  # "const", "constexpr_lut_to_dense", ...; a chain joined by "+" in program order
     shape: tuple[int, ...]
     dtype: str  # of the dense weight
     file_bytes: int = 0  # bytes of weight.bin charged to it: metadata + data + padding
@@ -45,8 +48,14 @@ class Layer:
     lut_count: int = 0
     lut_entries: int = 0
     cluster_dim: int = 1
+    lut_dtype: str | None = None  # palettized: the dtype the LUT is stored in ("float16", "int8")
+    quant_bits: int | None = None  # linearly quantized: bits per stored value
+    quant_scales: int = 0  # linearly quantized: scales (one per channel or block)
+    zero_points: bool = False  # linearly quantized with a zero point per scale
+    nonzero: int | None = None  # sparse: values stored (the rest are zeros the mask marks)
     offsets: list[int] = field(default_factory=list)
     consumers: list[tuple[str, str]] = field(default_factory=list)  # (op type, input name)
+    output: str = ""  # the program var holding the weight (after the last op of its chain)
 
     @property
     def numel(self) -> int:
@@ -59,6 +68,19 @@ class Layer:
     @property
     def bits_per_weight(self) -> float:
         return 8 * (self.file_bytes + self.inline_bytes) / self.numel
+
+    @property
+    def sparsity(self) -> float | None:
+        return None if self.nonzero is None else 1 - self.nonzero / self.numel
+
+    @property
+    def family(self) -> str | None:
+        """The stored form: None (dense), 'palettize', 'linear', 'prune' or 'joint' (several)."""
+        kinds = [k for k, on in (("prune", self.nonzero is not None), ("palettize", self.nbits is not None),
+                                 ("linear", self.quant_bits is not None)) if on]
+        if self.lut_dtype is not None and self.lut_dtype != self.dtype:
+            kinds.append("lut")
+        return None if not kinds else kinds[0] if len(kinds) == 1 else "joint"
 
 
 @dataclass
@@ -87,8 +109,9 @@ class PackageSizes:
         rows = [
             dict(name=l.name, op_type=l.op_type, shape=list(l.shape), numel=l.numel, dtype=l.dtype,
                  compressed=l.compressed, nbits=l.nbits, lut_count=l.lut_count, lut_entries=l.lut_entries,
-                 cluster_dim=l.cluster_dim, file_bytes=l.file_bytes, inline_bytes=l.inline_bytes,
-                 bits_per_weight=l.bits_per_weight)
+                 cluster_dim=l.cluster_dim, lut_dtype=l.lut_dtype, quant_bits=l.quant_bits,
+                 quant_scales=l.quant_scales, zero_points=l.zero_points, sparsity=l.sparsity, family=l.family,
+                 file_bytes=l.file_bytes, inline_bytes=l.inline_bytes, bits_per_weight=l.bits_per_weight)
             for l in self.layers
         ]
         return pd.DataFrame(rows)
@@ -190,24 +213,36 @@ def _operations(program):
 def _layers(program) -> list[Layer]:
     ops = list(_operations(program))
     by_output = {o.name: op for op in ops for o in op.outputs}
-    consumers: dict[str, list[tuple[str, str]]] = {}
+    consumers: dict[str, list] = {}  # output name -> [(consuming op, input name)]
     for op in ops:
         for key, arg in op.inputs.items():
             for b in arg.arguments:
                 if b.WhichOneof("binding") == "name":
-                    consumers.setdefault(b.name, []).append((op.type, key))
-    layers, absorbed = [], set()
+                    consumers.setdefault(b.name, []).append((op, key))
+    chains: dict[int, list] = {}  # id of the op a chain ends in -> its constexpr ops, in program order
     for op in ops:
         if op.type.startswith("constexpr_"):
-            layer = _constexpr_layer(op, by_output, absorbed)
+            chains.setdefault(id(_chain_end(op, consumers)), []).append(op)
+    layers, absorbed = [], set()
+    for op in ops:  # in program order, a chain where its last op is
+        if id(op) in chains:
+            layers.append(_constexpr_layer(chains[id(op)], by_output, absorbed))
         elif op.type == "const" and op.attributes["val"].WhichOneof("value") == "blobFileValue":
-            layer = _const_layer(op)
-        else:
-            continue
-        layer.consumers = consumers.get(op.outputs[0].name, [])
-        layers.append(layer)
+            layers.append(_const_layer(op))
+    for layer in layers:
+        layer.consumers = [(c.type, key) for c, key in consumers.get(layer.output, [])]
     # consts feeding a constexpr op are charged to it, not listed on their own
     return [l for l in layers if not (l.op_type == "const" and l.name in absorbed)]
+
+
+def _chain_end(op, consumers):
+    """The last op of a compression chain: constexpr ops feeding only constexpr ops (an int8 LUT's
+    dequantization, a sparse LUT) are parts of the weight the chain computes."""
+    for out in op.outputs:
+        for child, _ in consumers.get(out.name, []):
+            if child.type.startswith("constexpr_"):
+                return _chain_end(child, consumers)
+    return op
 
 
 def _tensor_type(value_type):
@@ -219,32 +254,92 @@ def _tensor_type(value_type):
 
 def _const_layer(op) -> Layer:
     dtype, shape = _tensor_type(op.outputs[0].type)
-    return Layer(op.outputs[0].name, "const", shape, dtype, offsets=[op.attributes["val"].blobFileValue.offset])
+    return Layer(op.outputs[0].name, "const", shape, dtype, offsets=[op.attributes["val"].blobFileValue.offset],
+                 output=op.outputs[0].name)
 
 
-def _constexpr_layer(op, by_output, absorbed) -> Layer:
-    dtype, shape = _tensor_type(op.outputs[0].type)
-    name = op.outputs[0].name.removesuffix("_palettized")
-    layer = Layer(name, op.type, shape, dtype)
-    parts = {}  # role -> (dtype, shape)
+def _constexpr_layer(chain: list, by_output, absorbed) -> Layer:
+    """One weight stored as a chain of constexpr ops (usually one): every blob and inline value
+    of every op in the chain is charged to it, and its parts describe the form."""
+    last = chain[-1]
+    dtype, shape = _tensor_type(last.outputs[0].type)
+    layer = Layer(base_name(last.outputs[0].name), "+".join(op.type for op in chain), shape, dtype,
+                  output=last.outputs[0].name)
+    # a dequantization feeding a LUT op's `lut` is the LUT's storage (an int8 LUT), not the weight's
+    lut_feeders = {id(_bound_op(op, "lut", by_output)) for op in chain if op.type in _LUT_OPS}
+    for op in chain:
+        parts = _charge(op, layer, by_output, absorbed)
+        if id(op) not in lut_feeders:
+            _describe(op, parts, layer, by_output)
+    return layer
+
+
+_LUT_OPS = ("constexpr_lut_to_dense", "constexpr_lut_to_sparse")
+_QUANT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_sparse_blockwise_shift_scale",
+              "constexpr_affine_dequantize")
+
+
+def _charge(op, layer: Layer, by_output, absorbed) -> dict:
+    """Charge the op's blobs and inline values to `layer`; returns {input: (dtype, shape)} of all
+    its tensor inputs (given inline, as a const op, or as another op's output)."""
+    parts = {}
     values = [(k, b.value) for k, arg in op.inputs.items() for b in arg.arguments if b.WhichOneof("binding") == "value"]
-    values += [(k, v) for k, v in op.attributes.items() if k != "name"]
-    for key, arg in op.inputs.items():  # parts given as separate const ops
+    values += [(k, v) for k, v in op.attributes.items() if k != "name"]  # iOS16 ops keep their parts here
+    for key, arg in op.inputs.items():
         for b in arg.arguments:
             src = by_output.get(b.name) if b.WhichOneof("binding") == "name" else None
             if src is not None and src.type == "const":
                 values.append((key, src.attributes["val"]))
                 absorbed.add(src.outputs[0].name)
+            elif src is not None:  # another constexpr op's output: charged where that op is
+                out = next(o for o in src.outputs if o.name == b.name)
+                parts[key] = _tensor_type(out.type)
     for key, v in values:
         if v.WhichOneof("value") == "blobFileValue":
-            layer.offsets.append(v.blobFileValue.offset)
+            if v.blobFileValue.offset not in layer.offsets:  # one blob read by two ops of a chain is stored once
+                layer.offsets.append(v.blobFileValue.offset)
         else:
             layer.inline_bytes += v.ByteSize()
         if v.type.WhichOneof("type") == "tensorType":
             parts[key] = _tensor_type(v.type)
-    if "lut" in parts:
+    return parts
+
+
+def _describe(op, parts: dict, layer: Layer, by_output) -> None:
+    """What one op of the chain stores: a LUT, quantized data with its scales, or a sparse mask."""
+    if op.type in _LUT_OPS:
         _describe_lut(layer, parts)
-    return layer
+        src = _bound_op(op, "lut", by_output)
+        layer.lut_dtype = parts["lut"][0] if src is None else _stored_dtype(src, by_output)
+    elif op.type in _QUANT_OPS:
+        data = parts.get("data") or parts.get("nonzero_data") or parts["quantized_data"]
+        layer.quant_bits = _bits(data[0])
+        layer.quant_scales = math.prod(parts["scale"][1])
+        layer.zero_points = "offset" in parts or "zero_point" in parts
+    elif op.type == "constexpr_sparse_to_dense":  # always last in a sparse chain: its values are the weight's
+        layer.nonzero = math.prod(parts["nonzero_data"][1])
+
+
+def _bound_op(op, key: str, by_output):
+    """The constexpr op whose output feeds input `key`, or None (a const or an inline value)."""
+    for b in op.inputs[key].arguments if key in op.inputs else ():
+        if b.WhichOneof("binding") == "name":
+            src = by_output.get(b.name)
+            if src is not None and src.type.startswith("constexpr_"):
+                return src
+    return None
+
+
+def _stored_dtype(op, by_output) -> str:
+    """The dtype a LUT is stored in when a dequantization op produces it: that op's data."""
+    b = op.inputs["data"].arguments[0]
+    if b.WhichOneof("binding") == "value":
+        return _tensor_type(b.value.type)[0]
+    return _tensor_type(by_output[b.name].attributes["val"].type)[0]
+
+
+def _bits(dtype: str) -> int:
+    return int("".join(ch for ch in dtype if ch.isdigit()))
 
 
 def _describe_lut(layer: Layer, parts: dict) -> None:
@@ -261,10 +356,57 @@ def component_sizes(packages: dict[str, Path]) -> dict[str, PackageSizes]:
     return {name: package_sizes(p) for name, p in packages.items()}
 
 
+# --- predicted sizes (REFERENCE.md's formula, one part at a time) ----------------------
+#
+# Every part of a compressed weight (indices, LUT, quantized data, scales, zero points, a
+# mask, nonzero values) is one blob: 64 bytes of metadata, then the data padded to 64 bytes;
+# a part under 10 elements is written inline in model.mlmodel instead (0 bytes here). The
+# file's very last blob is not padded, so these hold for every weight but that one.
+
+INLINE_BELOW = 10  # elements: coremltools' should_use_weight_file
+
+
+def blob_bytes(data_bytes: int) -> int:
+    return 64 + 64 * math.ceil(data_bytes / 64)
+
+
+def part_bytes(elements: int, bits: int) -> int:
+    """weight.bin bytes of one part of `elements` values of `bits` bits each (sub-byte packed)."""
+    return blob_bytes(math.ceil(elements * bits / 8)) if elements >= INLINE_BELOW else 0
+
+
 def expected_lut_bytes(numel: int, nbits: int, luts: int, cluster_dim: int = 1, entry_bytes: int = 2) -> int:
-    """weight.bin bytes of one palettized weight predicted from its shape (REFERENCE.md formula),
-    when both parts are in the file (a LUT under 10 elements is inline instead)."""
-    blob = lambda n: 64 + 64 * math.ceil(n / 64)
-    lut_elems = luts * 2**nbits * cluster_dim
-    idx = blob(math.ceil(numel * nbits / (8 * cluster_dim)))
-    return idx + (blob(lut_elems * entry_bytes) if lut_elems >= 10 else 0)
+    """weight.bin bytes of one palettized weight predicted from its shape (REFERENCE.md formula):
+    n-bit indices and `luts` tables of 2^nbits entries (a LUT under 10 elements is inline)."""
+    return blob_bytes(math.ceil(numel * nbits / (8 * cluster_dim))) + part_bytes(luts * 2**nbits * cluster_dim,
+                                                                                8 * entry_bytes)
+
+
+def expected_linear_bytes(numel: int, bits: int, scales: int, zero_points: bool = False, scale_bits: int = 16) -> int:
+    """A linearly quantized weight (constexpr_blockwise_shift_scale): the data, one fp16 scale per
+    channel or block, and (mode 'linear') one zero point per scale in the data's dtype."""
+    return part_bytes(numel, bits) + part_bytes(scales, scale_bits) + (part_bytes(scales, bits) if zero_points else 0)
+
+
+def expected_sparse_bytes(numel: int, nonzero: int, value_bits: int = 16) -> int:
+    """A pruned weight (constexpr_sparse_to_dense): a 1-bit mask over every element, and the
+    nonzero values. At 50% sparsity that is 9 bits per weight, more than int8."""
+    return part_bytes(numel, 1) + part_bytes(nonzero, value_bits)
+
+
+def expected_sparse_lut_bytes(numel: int, nonzero: int, nbits: int, luts: int, lut_bits: int = 16) -> int:
+    """Pruned, then palettized (constexpr_lut_to_sparse + constexpr_sparse_to_dense): the mask,
+    n-bit indices of the nonzero values only, the LUTs (plus an fp16 scale, inline, when int8)."""
+    return part_bytes(numel, 1) + part_bytes(nonzero, nbits) + part_bytes(luts * 2**nbits, lut_bits)
+
+
+def expected_int8_lut_bytes(numel: int, nbits: int, luts: int) -> int:
+    """Palettized with the LUTs quantized to int8 (one per-tensor scale, inline)."""
+    return part_bytes(numel, nbits) + part_bytes(luts * 2**nbits, 8) + part_bytes(1, 16)
+
+
+def expected_sparse_linear_bytes(numel: int, nonzero: int, bits: int, scales: int, zero_points: bool = False) -> int:
+    """Pruned, then linearly quantized (constexpr_sparse_blockwise_shift_scale + constexpr_sparse_to_dense):
+    the mask (both ops read the same blob), the quantized nonzero values, the scales (and zero points)."""
+    return part_bytes(numel, 1) + part_bytes(nonzero, bits) + part_bytes(scales, 16) + \
+        (part_bytes(scales, bits) if zero_points else 0)

@@ -74,7 +74,7 @@ def variant_row(done, ev: Evaluation, fp16_bytes: int, weight_maps: dict) -> dic
     """The measured columns of a results row: the recipe, exact sizes, the weights left dense and
     why, the metrics and the timings (the caller adds key, name and where files are). fp16_bytes:
     weight.bin bytes of the fp16 packages of the same components (the size_ratio's denominator)."""
-    from sdwork.compress.apply import summarise_uncompressed, uncompressed_layers
+    from sdwork.compress.apply import partial_layers, summarise_uncompressed, uncompressed_layers
 
     recipe = done.recipe
     layers = uncompressed_layers(done, weight_maps)
@@ -82,10 +82,14 @@ def variant_row(done, ev: Evaluation, fp16_bytes: int, weight_maps: dict) -> dic
     return dict(
         **{k: v for k, v in recipe.to_dict().items() if k != "overrides"},
         overrides=recipe.to_dict()["overrides"], min_target=recipe.min_target,
+        # the compression family ('palettize', 'linear', 'prune', 'joint', 'mixed') and its stages in order
+        family=recipe.family, stages="+".join(recipe.stages),
         **sizes, fp16_size_bytes=fp16_bytes, size_ratio=round(sizes["size_bytes"] / fp16_bytes, 6),
         # the weights a user would expect compressed (above threshold, >= 2-D) but left dense
         uncompressed=[l for l in layers if l["kind"] not in ("one_d", "below_threshold", "not_a_weight")],
         uncompressed_by_reason=summarise_uncompressed(layers),
+        # weights a chained recipe compressed only in part (e.g. pruned, but not palettized), and why
+        partially_compressed=partial_layers(done, weight_maps),
         **ev.means, per_prompt=ev.per_prompt.to_dict("records"),
         compress_s=round(done.seconds, 3), evaluate_s=round(ev.seconds, 3),
         compress_cpu_s=round(done.cpu_seconds, 3), evaluate_cpu_s=round(ev.cpu_seconds, 3),

@@ -322,7 +322,7 @@ def _row_name(name: str, label: str | None) -> str:
 
 
 def _recipe_columns(recipe: Recipe) -> dict:
-    return {k: v for k, v in recipe.to_dict().items() if k != "overrides"}
+    return {**{k: v for k, v in recipe.to_dict().items() if k != "overrides"}, "family": recipe.family}
 
 
 def _relative(path: Path, folder: Path) -> str:

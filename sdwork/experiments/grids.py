@@ -7,6 +7,11 @@ before anything runs.
     generation: {prompts: [...], seeds: [0, 1], steps: 4}
     grid: {nbits: [2, 6], group_size: [null, 16]}     # cartesian product; null = per-tensor
     recipes: [{nbits: 4, group_size: 16}]              # extra recipes, any Recipe fields
+
+Recipes of every family mix in one grid (sdwork/data/grids/families.yaml): `recipes` may hold
+{linear_bits: 4, block_size: 32}, {sparsity: 0.5}, {n_m: [2, 4]}, {sparsity: 0.5, nbits: 4,
+group_size: 16} or {nbits: 4, group_size: 16, lut_dtype: int8}. In `grid`, `n_m: [2, 4]` is
+one n:m pair; `n_m: [[2, 4], [1, 4]]` is a product over two.
 """
 from __future__ import annotations
 
@@ -74,8 +79,10 @@ def expand(grid: dict, **defaults) -> list[Recipe]:
         return []  # the product of no lists is one empty combination, not a recipe
     keys = list(grid)
     values = [v if isinstance(v, (list, tuple)) else [v] for v in grid.values()]
-    if "components" in grid and not any(isinstance(v, (list, tuple)) for v in grid["components"]):
-        values[keys.index("components")] = [grid["components"]]  # one list of components, not a product
+    for one in ("components", "n_m"):  # a flat list is one value of these fields, not a product
+        v = grid.get(one)
+        if isinstance(v, (list, tuple)) and not any(isinstance(x, (list, tuple)) for x in v):
+            values[keys.index(one)] = [v]
     recipes: dict[str, Recipe] = {}
     for combo in itertools.product(*values):
         r = Recipe.from_dict({**defaults, **dict(zip(keys, combo))})
