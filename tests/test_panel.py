@@ -99,3 +99,23 @@ def test_vector_palettization_offered_with_engines_that_run_it(engine):
     assert list(p.cluster_dim.options) == [1, 2, 4]
     p.cluster_dim.value = 4
     assert p.engine.value == engine and p.recipe().cluster_dim == 4
+
+
+def test_the_family_picks_the_recipe_and_disables_what_does_not_apply():
+    p = panel_for(FakeExperiment())
+    assert p.family.value == "palettize" and p.recipe().family == "palettize"
+    p.family.value = "linear"
+    assert list(p.choice.options) == ["int8 per-channel", "int4 per-block 32", "int4 per-block 64"]
+    assert all(c.disabled for c in p.lut_controls) and not p.choice.disabled
+    assert (p.recipe().family, p.recipe().linear_bits, p.recipe().nbits) == ("linear", 8, None)
+    p.choice.value = "int4 per-block 32"
+    assert (p.recipe().linear_bits, p.recipe().block_size) == (4, 32)
+    p.family.value = "prune"
+    p.choice.value = "2:4"
+    assert p.recipe().n_m == (2, 4) and p.recipe().linear_bits is None and p.recipe().family == "prune"
+    p.family.value = "joint"
+    assert not p.nbits.disabled and p.recipe().family == "joint" and p.recipe().sparsity == 0.5
+    p.choice.value = "LUT in int8"
+    assert (p.recipe().lut_dtype, p.recipe().nbits, p.recipe().sparsity) == ("int8", 4, None)
+    p.family.value = "palettize"
+    assert p.recipe() == Recipe(nbits=4, components=("text_encoder",), engine="sdwork")

@@ -2,7 +2,9 @@
 
     recipe_panel(exp, recipe)     # last line of a cell: the panel shows there
 
-What a person sees: controls that do not apply are disabled (group size under per_tensor);
+What a person sees: a compression family (palettize, linear, prune, joint) and its kind;
+controls that do not apply are disabled (the LUT controls for linear and prune, group size
+under per_tensor);
 only group sizes and cluster_dims that compress some layer of the model are offered; picking a
 cluster_dim the engine cannot run switches the engine, and says so. While a recipe runs every
 control is disabled and a bar shows the stage; a second click on the same settings (a double
@@ -20,6 +22,17 @@ from sdwork import hooks, quiet
 from sdwork.errors import SdworkError
 
 GROUP_SIZES = (4, 8, 16, 32, 64)
+# family -> {choice shown: the Recipe fields it sets}; palettize and joint also use the LUT controls
+FAMILIES = {
+    "palettize": {"LUT (fp16)": {}},
+    "linear": {"int8 per-channel": dict(linear_bits=8), "int4 per-block 32": dict(linear_bits=4, block_size=32),
+               "int4 per-block 64": dict(linear_bits=4, block_size=64)},
+    "prune": {"50% magnitude": dict(sparsity=0.5), "75% magnitude": dict(sparsity=0.75), "2:4": dict(n_m=(2, 4))},
+    "joint": {"50% sparse, then LUT": dict(sparsity=0.5), "LUT in int8": dict(lut_dtype="int8")},
+}
+_FAMILY_FIELDS = dict(lut_dtype="fp16", linear_bits=None, linear_granularity=None, block_size=None, sparsity=None,
+                      n_m=None)
+_NO_LUT = dict(nbits=None, granularity=None, group_size=None, cluster_dim=1)
 CLUSTER_DIMS = (1, 2, 4)
 STAGES = ("compressing", "generating and scoring", "drawing")
 
@@ -43,8 +56,12 @@ class RecipePanel:
         self._last = None  # (recipe, status html) of the last click that ran or failed
         self._running = self._syncing = False
         style = dict(style={"description_width": "80px"}, layout=w.Layout(width="270px"))
-        self.nbits = w.Dropdown(options=NBITS, value=template.nbits, description="bits", **style)
-        self.granularity = w.Dropdown(options=["per_tensor", "per_grouped_channel"], value=template.granularity,
+        family = template.family if template.family in FAMILIES else "palettize"
+        self.family = w.Dropdown(options=list(FAMILIES), value=family, description="family", **style)
+        self.choice = w.Dropdown(options=list(FAMILIES[family]), description="kind", **style)
+        self.nbits = w.Dropdown(options=NBITS, value=template.nbits or 4, description="bits", **style)
+        self.granularity = w.Dropdown(options=["per_tensor", "per_grouped_channel"],
+                                      value=template.granularity or "per_tensor",
                                       description="granularity", **style)
         self.group_size = w.Dropdown(options=GROUP_SIZES, value=template.group_size or 16,
                                      description="group size", **style)
@@ -56,11 +73,13 @@ class RecipePanel:
         self.note = w.HTML()  # what the panel changed by itself (an engine switch), until the next change
         self.status = w.HTML()  # the run: its stage, its result or its error
         self.out = w.Output()
-        self.controls = [self.nbits, self.granularity, self.group_size, self.cluster_dim, self.engine]
+        self.lut_controls = [self.nbits, self.granularity, self.group_size, self.cluster_dim, self.engine]
+        self.controls = [self.family, self.choice, *self.lut_controls]
         for c in self.controls:
             c.observe(self._changed, names="value")
         self.button.on_click(self.run)
-        self.widget = w.VBox([w.HBox([self.nbits, self.granularity, self.group_size]),
+        self.widget = w.VBox([w.HBox([self.family, self.choice]),
+                              w.HBox([self.nbits, self.granularity, self.group_size]),
                               w.HBox([self.cluster_dim, self.engine]),
                               self.note, w.HBox([self.button, self.progress]), self.status, self.out])
         self._sync()
@@ -82,7 +101,13 @@ class RecipePanel:
         v.update(changes)
         if v["granularity"] == "per_tensor":
             v["group_size"] = None  # the group size control is disabled there: it does not apply
-        return self.template.with_(**v)
+        if not self._uses_lut():
+            v.update(_NO_LUT)  # the LUT controls are disabled for this family: they do not apply
+        family = FAMILIES[self.family.value]
+        return self.template.with_(**{**v, **_FAMILY_FIELDS, **family.get(self.choice.value, {})})
+
+    def _uses_lut(self) -> bool:
+        return self.family.value in ("palettize", "joint")
 
     def _problem(self, **changes) -> str | None:
         """Why these settings cannot run on this model, or None when they can."""
@@ -100,6 +125,10 @@ class RecipePanel:
         if self._syncing:
             return
         note = ""
+        if change["owner"] is self.family:
+            self._syncing = True
+            _offer(self.choice, list(FAMILIES[self.family.value]))
+            self._syncing = False
         if change["owner"] is self.cluster_dim:
             note = self._engine_for_cluster_dim()
         elif change["owner"] is self.engine:
@@ -133,6 +162,12 @@ class RecipePanel:
         """Offer only the group sizes and cluster_dims that compress a layer of this model."""
         self._syncing = True
         try:
+            lut = self._uses_lut()
+            for c in self.lut_controls:
+                c.disabled = not lut or self._running
+            self.choice.disabled = self._running or len(self.choice.options) < 2
+            if not lut:
+                return
             grouped = self.granularity.value == "per_grouped_channel"
             self.group_size.disabled = not grouped or self._running
             if grouped:
