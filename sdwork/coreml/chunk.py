@@ -133,9 +133,9 @@ def _weight_spans(ops, sizes: PackageSizes) -> list[_Weight]:
 
 
 def _layer_name(op) -> str:
-    # package_sizes names a palettized weight after the const it replaced
+    # package_sizes names a compressed weight after the const it replaced
     name = op.outputs[0].name
-    return name.removesuffix("_palettized") if op.op_type.startswith("constexpr_") else name
+    return base_name(name) if op.op_type.startswith("constexpr_") else name
 
 
 def _uses(op, where) -> list[int]:
