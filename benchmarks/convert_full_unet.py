@@ -3,8 +3,8 @@ layout: time, peak RSS, size.
 
     .venv/bin/python benchmarks/convert_full_unet.py [--arch sd21-base] [--attention original split_einsum_v2]
 
-Converts the same UNet in each layout asked for in one run (today only ORIGINAL: the Neural
-Engine's SPLIT_EINSUM_V2 is not available yet) and prints each figure with its ratio to the first layout's, and writes runs/benchmarks/convert_full_unet.json.
+Converts the same UNet as ORIGINAL and SPLIT_EINSUM_V2 (Neural Engine) in one run and prints
+each figure with its ratio to the first layout's, and writes runs/benchmarks/convert_full_unet.json.
 Each conversion also builds and verifies the weight map. Heavy: about 6 GiB of memory and
 a few minutes of both cores per layout.
 """
@@ -51,8 +51,7 @@ def cpu_s() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default="sd21-base", help="a folder of data/configs (sd21-base, sd15)")
-    # the Neural Engine layouts are refused until sdwork has them (sdwork.convert.components)
-    ap.add_argument("--attention", nargs="+", default=["original"],
+    ap.add_argument("--attention", nargs="+", default=["original", "split_einsum_v2"],
                     help="UNet layouts to convert in this run; the first is the ratios' reference")
     ap.add_argument("--out", default=None, help="where the packages go (default runs/benchmarks/<arch>-unet)")
     ap.add_argument("--keep", action="store_true", help="keep the packages (1.6 GiB each) instead of deleting them")

@@ -22,11 +22,8 @@ def pipe():
 def test_unknown_layouts_are_refused_with_the_choices(pipe, tmp_path):
     from sdwork.convert import convert_pipeline
 
-    with pytest.raises(ConfigError, match=r"attention must be one of 'original', got 'orignal'.*did you mean 'original'"):
-        convert_pipeline(pipe, tmp_path, attention="orignal")
-    for ne in ("split_einsum", "split_einsum_v2"):  # named, and refused with the reason
-        with pytest.raises(ConfigError, match=rf"attention='{ne}', the Neural Engine UNet, is not available yet"):
-            convert_pipeline(pipe, tmp_path, attention=ne)
+    with pytest.raises(ConfigError, match=r"attention must be one of .*'split_einsum_v2'.*did you mean 'split_einsum_v2'"):
+        convert_pipeline(pipe, tmp_path, attention="split_einsum_v3")
     with pytest.raises(ConfigError, match="io must be one of 'apple', 'diffusers'"):
         convert_pipeline(pipe, tmp_path, io="coreml")
     with pytest.raises(ConfigError, match="attention must be one of"):
@@ -55,13 +52,37 @@ def test_the_core_ml_evaluator_is_refused_off_macos(pipe, tmp_path):
 
 
 @pytest.mark.slow
-def test_rows_and_packages_record_their_layout(tmp_path):
-    """Each results row says which attention layout and evaluator produced it; the fp16 packages say
-    their layout and I/O contract in their metadata."""
-    from sdwork.coreml.package import metadata
+def test_same_recipe_same_images_on_original_and_neural_engine_packages(tmp_path):
+    """The layout changes the graph, not the weights: the same recipe on ORIGINAL and SPLIT_EINSUM_V2
+    packages gives bit-identical images, metrics and weight bytes; each row records its layout."""
+    recipe = Recipe(nbits=4, group_size=16, components=["unet"])
+    rows = {}
+    for attention in ("original", "split_einsum_v2"):
+        exp = Experiment("tiny", SETTINGS, scorer=None, out=tmp_path / attention, attention=attention,
+                         progress=False)
+        v = exp.run(recipe)
+        rows[attention] = (v.row, v.images)
+        assert v.row["attention"] == attention and v.row["evaluator"] == "torch"
+        from sdwork.coreml.package import metadata
 
-    exp = Experiment("tiny", SETTINGS, scorer=None, out=tmp_path / "run", progress=False)
-    v = exp.run(Recipe(nbits=4, group_size=16, components=["unet"]))
-    assert v.row["attention"] == "original" and v.row["evaluator"] == "torch"
-    meta = metadata(exp.fp16_packages()["unet"])
-    assert (meta["attention"], meta["io"]) == ("original", "apple")
+        assert metadata(exp.fp16_packages()["unet"])["attention"] == attention
+    (a, ia), (b, ib) = rows["original"], rows["split_einsum_v2"]
+    assert (ia == ib).all()
+    for col in ("psnr", "ssim", "weight_bin_bytes", "uncompressed"):
+        assert a[col] == b[col], col
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ["split_einsum", "split_einsum_v2"])
+def test_neural_engine_unet_package_passes_parity(pipe, tmp_path, attention):
+    """The package's exact weights back in the restructured module, against the diffusers UNet."""
+    from sdwork.convert import convert_component
+    from sdwork.convert.weightmap import read_weight_map
+    from sdwork.evaluate.parity import parity_report
+
+    path = convert_component(pipe, "unet", tmp_path, attention=attention, progress=False)
+    wm = read_weight_map(path)
+    conv_shaped = [e for e in wm.entries.values() if e.const_shape and len(e.const_shape) == 4 and len(e.shape) == 2]
+    assert conv_shaped, "every Linear of the transformer blocks is a 1x1 conv in the package"
+    row = parity_report(pipe, {"unet": path}, progress=False).iloc[0]
+    assert row.attention == attention and row.max_weight_dev == 0 and row.linux_pass, row.to_dict()

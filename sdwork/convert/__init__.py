@@ -1,7 +1,7 @@
 """Core ML conversion of a diffusers Stable Diffusion pipeline, verified on any platform.
 
     paths = convert_pipeline(pipe, "runs/convert/tiny")      # TextEncoder/Unet/VAEDecoder/VAEEncoder.mlpackage
-    convert_pipeline(pipe, out, chunks=2)                       # also UnetChunk1 / UnetChunk2 for iOS
+    convert_pipeline(pipe, out, attention="split_einsum_v2", chunks=2)   # Neural Engine UNet, in two chunks
     load_weight_map(paths["unet"])                             # {torch parameter: const name}
     package_weights(paths["unet"])                             # {const name: exact (decompressed) values}
     load_packages_into_pipeline(pipe, paths)                   # run a package's weights in PyTorch

@@ -4,8 +4,8 @@ Two I/O layouts. "apple" (the default) is the contract of Apple's ml-stable-diff
 which the Swift StableDiffusion package loads (shared/APPLE_IO.md): float token ids, fp16 inputs,
 the UNet context as (B, C, 1, 77), the VAE encoder's full moments. "diffusers" keeps diffusers'
 own layout (int32 ids, (B, 77, C) context, the posterior mean) for running packages from Python.
-The UNet's attention layout is "original" (the diffusers graph); Apple's Neural Engine layouts
-("split_einsum", "split_einsum_v2") are refused with the reason until sdwork has them.
+The UNet's attention layout ("original", or the Neural Engine's "split_einsum" /
+"split_einsum_v2") changes the graph, never the weights.
 """
 from __future__ import annotations
 
@@ -20,9 +20,7 @@ from sdwork.errors import ConfigError
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 IO_LAYOUTS = ("apple", "diffusers")
-ATTENTIONS = ("original",)
-# Apple's Neural Engine layouts: named so a request for one gets a clear refusal, not a typo hint
-NEURAL_ENGINE = ("split_einsum", "split_einsum_v2")
+ATTENTIONS = ("original", "split_einsum", "split_einsum_v2")
 
 
 # ------------------------------------------------------------------ wrappers
@@ -46,19 +44,27 @@ class TextEncoder(torch.nn.Module):
 
 
 class Unet(torch.nn.Module):
-    """The diffusers UNet, taking the context in the package's layout: (B, C, 1, 77) for Apple's,
-    (B, 77, C) for diffusers'."""
+    """The diffusers UNet ("original" attention) or its Neural Engine restructuring, taking the
+    context in the package's layout: (B, C, 1, 77) for Apple's, (B, 77, C) for diffusers'."""
 
     def __init__(self, unet, io: str = "apple", attention: str = "original"):
         super().__init__()
-        check_layout(io, attention)
         self.io, self.attention = io, attention
-        self.unet = unet
+        if attention == "original":
+            self.unet = unet
+        else:
+            from sdwork.convert.neural_engine import neural_engine_unet
+
+            self.unet = neural_engine_unet(unet, attention)
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        if self.io == "apple":
-            encoder_hidden_states = encoder_hidden_states.squeeze(2).transpose(1, 2)
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        if self.attention == "original":
+            if self.io == "apple":
+                encoder_hidden_states = encoder_hidden_states.squeeze(2).transpose(1, 2)
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+        if self.io == "diffusers":
+            encoder_hidden_states = encoder_hidden_states.transpose(1, 2).unsqueeze(2)
+        return self.unet(sample, timestep, encoder_hidden_states)
 
 
 class VAEDecoder(torch.nn.Module):
@@ -144,10 +150,6 @@ def check_not_sdxl(pipe) -> None:
 
 def check_layout(io: str, attention: str) -> None:
     validate.choice("io", io, IO_LAYOUTS)
-    if attention in NEURAL_ENGINE:
-        raise ConfigError(f"attention={attention!r}, the Neural Engine UNet, is not available yet: sdwork "
-                          "converts the UNet with attention='original' only; the packages load and run on "
-                          "the Neural Engine in that layout too, slower than Apple's split_einsum ones")
     validate.choice("attention", attention, ATTENTIONS)
 
 

@@ -34,7 +34,7 @@ def convert_pipeline(pipe, out_dir, components=C.COMPONENTS, target: str = "iOS1
 
     Returns {component: package path}; the tokenizer files are written when the pipeline has one.
     io: "apple" (the Swift package's contract) or "diffusers"; attention: the UNet's layout,
-    "original" (the Neural Engine layouts are refused: not available yet). chunks=2 also writes the UNet
+    "original", "split_einsum" or "split_einsum_v2" (Neural Engine). chunks=2 also writes the UNet
     as UnetChunk1 / UnetChunk2 beside Unet.mlpackage (see unet_chunks).
     `source` (another pipeline) names the model the packages derive from when `pipe` holds weights
     changed from it (palettized in torch, DKM): the packages are then evaluated against `source`.
@@ -85,7 +85,12 @@ def _check_chunks(chunks, components) -> None:
 
 def check_unet_layout(pipe, components, unet_batch: int, io: str, attention: str) -> C.Shapes:
     """Every refusal of a layout before anything is exported or written."""
-    return C.Shapes.of(pipe, unet_batch, io, attention)
+    shapes = C.Shapes.of(pipe, unet_batch, io, attention)
+    if attention != "original" and "unet" in components:
+        from sdwork.convert.neural_engine import check_unet
+
+        check_unet(C.torch_module(pipe, "unet"), attention)
+    return shapes
 
 
 def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet_batch: int = 2,
