@@ -68,7 +68,7 @@ def test_same_recipe_same_images_on_original_and_neural_engine_packages(tmp_path
         assert metadata(exp.fp16_packages()["unet"])["attention"] == attention
     (a, ia), (b, ib) = rows["original"], rows["split_einsum_v2"]
     assert (ia == ib).all()
-    for col in ("psnr", "ssim", "weight_bin_bytes", "uncompressed"):
+    for col in ("psnr", "ssim", "size_bytes", "uncompressed"):
         assert a[col] == b[col], col
 
 
