@@ -84,7 +84,7 @@ def _needs_other_inputs(cfg) -> list[str]:
     return found
 
 
-# what the restructured module implements, per config entry (None: any value)
+# the values of these config entries the restructured module implements
 _CONFIG = {
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
