@@ -18,10 +18,12 @@ everything else in the package), so "average bits" is the results' bits_per_weig
 An allocation becomes a Recipe with per-layer overrides keyed by the Core ML const names of
 the conversion weight map, and runs through `Experiment.run` like any other recipe.
 
-`study(exp, SensitivityConfig(...))` is the whole comparison notebook 03 and
-benchmarks/mixed_bit.py run: uniform recipes, the sensitivity analysis, Apple's cumulative
-pass, the recipe curve and the mixed recipes no larger than the uniform ones, every variant
-a row of `exp`'s results.
+sdwork.experiments.allocate adds a third: an exact knapsack on the same table, corrected for
+interaction between layers by measured recipes, compared with both at exact byte budgets.
+
+`study(exp, SensitivityConfig(...))` is the whole comparison notebook 03 runs: uniform recipes,
+the sensitivity analysis, Apple's cumulative pass, the recipe curve and the mixed recipes no
+larger than the uniform ones, every variant a row of `exp`'s results.
 """
 from __future__ import annotations
 

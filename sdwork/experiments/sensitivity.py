@@ -152,7 +152,9 @@ class ProbeSettings(GenSettings):
 
     prompts: tuple[str, ...] = DEFAULT_PROMPTS
     seeds: tuple[int, ...] = (0,)
-    steps: int = 4  # Apple: 1; the drift after more steps is closer to what a user sees
+    # Apple: 1. Few steps are cheap but mislead on the embedded model (docs/mixed_bit.md): the
+    # knapsack's comparison (sdwork.experiments.allocate.compare) probes with the experiment's steps
+    steps: int = 4
 
 
 @dataclass
@@ -248,6 +250,8 @@ class Sensitivity:
 
         self.config, self.dir, self.progress = config, Path(out_dir), progress
         self._cache, self._cache_bytes = OrderedDict(), cache_bytes  # palettized weights, least recent first
+        self.probes = 0  # pipeline runs of this object: what a measurement costs, counted
+        self.last_run = dict(measured=0, reused=0, seconds=0.0)  # what the latest run() did
         self.pipe = pipe if pipe is not None else load_pipeline(config.model, progress=False)
         round_weights_to_fp16(self.pipe)  # the baseline every variant is scored against
         self.module = getattr(self.pipe, config.component)
@@ -310,6 +314,7 @@ class Sensitivity:
                     p = self._param(layer)
                     saved[layer] = p.detach().clone()
                     p.copy_(torch.from_numpy(dense.astype(np.float32)).reshape(p.shape))
+            self.probes += 1
             return drift(self.reference, run_probe(self.pipe, self.config.probe))
         finally:
             with torch.no_grad():
@@ -324,8 +329,10 @@ class Sensitivity:
                 if l.supports(s) and (l.module, candidate_name(s)) not in done]
 
     def run(self) -> pd.DataFrame:
-        """Measure every (layer, candidate) not yet in sensitivity.jsonl; return the whole table."""
+        """Measure every (layer, candidate) not yet in sensitivity.jsonl; return the whole table.
+        Cells already there are reused, so adding a candidate measures only its cells (last_run)."""
         work = self.todo()
+        start = time.perf_counter()
         for layer, spec in tqdm(work, desc=f"sensitivity {self.config.component}", unit="run",
                                 disable=not self.progress):
             t0 = time.perf_counter()
@@ -333,7 +340,18 @@ class Sensitivity:
             row = self._row(layer, spec, dense)
             row.update(self.measure({layer: dense}), seconds=round(time.perf_counter() - t0, 4))
             append_row(self.dir / SINGLE, row)
-        return self.table()
+        table = self.table()
+        self.last_run = dict(measured=len(work), reused=len(table) - len(work),
+                             seconds=round(time.perf_counter() - start, 2))
+        return table
+
+    def cost(self) -> dict:
+        """What the table cost when it was measured: cells and seconds summed over its rows
+        (each row keeps its own time, so a table resumed over several runs is counted whole)."""
+        table = self.table()
+        seconds = float(table["seconds"].sum()) if "seconds" in table else 0.0
+        return dict(cells=len(table), seconds=round(seconds, 1), probe_steps=self.config.probe.steps,
+                    probe_images=len(self.config.probe.pairs))
 
     def _row(self, layer: Layer, spec: LayerSpec, dense: np.ndarray) -> dict:
         w = self._param(layer).detach().numpy().astype(np.float64)
