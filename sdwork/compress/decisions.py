@@ -20,6 +20,26 @@ def skip(r: dict, kind: str, reason: str) -> None:
     r.update(status="skipped", kind=kind, reason=reason)
 
 
+def reported_transform(pass_, op, refusal, transform, engine_skip: str) -> None:
+    """The decision path of a coremltools pass subclass: record in pass_.rows why the const stays
+    dense (no config, not eligible, refused by `refusal(op, cfg)`, or skipped by coremltools
+    inside `transform(op)`), or that it was compressed (the const was replaced)."""
+    r = pass_.rows[op.name] = row(op)
+    cfg = pass_.config._get_const_op_config(op)
+    if cfg is None:
+        return skip(r, "no_config", why_no_config(op, pass_.config))
+    if not pass_.need_compress_const(op, pass_.config._is_deprecated, cfg.weight_threshold):
+        return skip(r, *why_not_eligible(op, cfg))
+    refused = refusal(op, cfg)
+    if refused:
+        return skip(r, *refused)
+    transform(op)
+    if op.enclosing_block is None:
+        r.update(status="compressed")
+    else:
+        skip(r, "engine", engine_skip)
+
+
 def why_no_config(op, config) -> str:
     if op.name in config.op_name_configs:
         return "None for this op in op_name_configs: kept dense on purpose"

@@ -27,20 +27,7 @@ class ReportingPrunePass(_CoremlPrunePass):
         self.rows: dict[str, dict] = {}
 
     def transform_op(self, op):
-        row = self.rows[op.name] = D.row(op)
-        cfg = self.config._get_const_op_config(op)
-        if cfg is None:
-            return D.skip(row, "no_config", D.why_no_config(op, self.config))
-        if not self.need_compress_const(op, self.config._is_deprecated, cfg.weight_threshold):
-            return D.skip(row, *D.why_not_eligible(op, cfg))
-        refused = structural_refusal(op, cfg)
-        if refused:
-            return D.skip(row, *refused)
-        super().transform_op(op)
-        if op.enclosing_block is None:  # replaced by the sparse op
-            row.update(status="compressed")
-        else:
-            D.skip(row, "engine", "skipped by coremltools")
+        D.reported_transform(self, op, structural_refusal, super().transform_op, "skipped by coremltools")
 
 
 def structural_refusal(op, cfg) -> tuple[str, str] | None:

@@ -23,20 +23,8 @@ class ReportingLinearPass(_CoremlLinearPass):
         self.rows: dict[str, dict] = {}
 
     def transform_op(self, op):
-        row = self.rows[op.name] = D.row(op)
-        cfg = self.config._get_const_op_config(op)
-        if cfg is None:
-            return D.skip(row, "no_config", D.why_no_config(op, self.config))
-        if not self.need_compress_const(op, self.config._is_deprecated, cfg.weight_threshold):
-            return D.skip(row, *D.why_not_eligible(op, cfg))
-        refused = block_refusal(op, cfg, self.joint_compression)
-        if refused:
-            return D.skip(row, *refused)
-        super().transform_op(op)
-        if op.enclosing_block is None:  # replaced by the quantized op
-            row.update(status="compressed")
-        else:
-            D.skip(row, "engine", "skipped by coremltools (e.g. inf values, or an int const)")
+        D.reported_transform(self, op, lambda o, cfg: block_refusal(o, cfg, self.joint_compression),
+                             super().transform_op, "skipped by coremltools (e.g. inf values, or an int const)")
 
 
 def block_refusal(op, cfg, joint: bool) -> tuple[str, str] | None:
