@@ -13,10 +13,11 @@ sensitivity table, corrected for interaction between layers by measuring whole r
    recipe without it; the Shapley share of the group in the measured drift, exact when layers
    interact in pairs, over its additive prediction scales the group's options, and the knapsack
    is solved again. Every round's recipe is a proposal.
-3. `Allocator.allocate` runs both for each objective and returns every proposal with its
-   predicted and probe-measured drift, the least measured drift first.
-4. `compare` measures the top proposals beside Apple's and the greedy's recipes through
-   `Experiment.run` and keeps the best on PSNR and SSIM (`choose`).
+3. `Allocator.allocate` runs both for each objective, adds the greedy's recipe of the same table
+   per objective, and returns every proposal with its predicted drift and the drift the joint
+   probe measured on seeds the experiment never scores; the least measured drift first is the pick.
+4. `compare` scores the pick (and, for the record, the top proposals) beside Apple's and the
+   greedy's recipes through `Experiment.run`: the choice never sees the images it is judged on.
 
 docs/mixed_bit.md explains the choices and the measured results.
 """
@@ -278,13 +279,14 @@ class Allocator:
     (the measurements of whole recipes). `sizes` turns package bytes into the layers' budget."""
 
     def __init__(self, sens, sizes: SizeModel, objectives=OBJECTIVES, rounds: int = 1,
-                 groups=block_of, rank_by: str = "image_mse", joint=None):
+                 groups=block_of, rank_by: str = "image_mse", joint=None, with_greedy: bool = True):
         bad = [o for o in objectives if o not in OBJECTIVES]
         if bad or not objectives:
             raise ConfigError(f"objectives must be among {OBJECTIVES}, got {list(objectives)}")
         if rank_by not in OBJECTIVES:
             raise ConfigError(f"rank_by must be one of {OBJECTIVES}, got {rank_by!r}")
         self.sens, self.sizes, self.rounds, self.groups, self.rank_by = sens, sizes, rounds, groups, rank_by
+        self.with_greedy = with_greedy
         self.joint = joint if joint is not None else sens  # what measures whole recipes
         table = sens.table()
         self.options = {o: layer_options(table, o, last_layer=sizes.last_layer) for o in objectives}
@@ -315,6 +317,13 @@ class Allocator:
                 proposals.append(Proposal(f"knapsack {objective} r{r}", rnd.allocation, objective, r,
                                           rnd.predicted, rnd.allocation.predicted_drift,
                                           self.measure(rnd.allocation.choice)))
+        if self.with_greedy:  # the Lagrangian solver of the same table: one more proposal per objective
+            from sdwork.experiments.mixedbit import greedy
+
+            for objective, options in self.options.items():
+                g = greedy(options, budget_bytes=budget_bytes)
+                proposals.append(Proposal(f"greedy {objective}", g, objective, 0, g.predicted_drift,
+                                          g.predicted_drift, self.measure(g.choice)))
         proposals = _unique(proposals)
         proposals.sort(key=lambda p: (p.measured[self.rank_by], p.round))
         return Result(budget_bytes, proposals, self.probes - p0, round(time.perf_counter() - t0, 2))
@@ -329,24 +338,6 @@ def _unique(proposals: list[Proposal]) -> list[Proposal]:
             seen.add(key)
             out.append(p)
     return out
-
-
-# --- choosing among measured recipes -----------------------------------------------------------
-
-
-def choose(rows: list[dict], others: list[dict], metrics=("psnr", "ssim")) -> tuple[dict, bool]:
-    """(the kept row, whether it is at least as good as every one of `others` on every metric).
-
-    Among `rows` + `others` (results rows of the same budget) the kept one is the best on the first
-    metric among those at least as good as all of `others` on every metric; when none is (no recipe
-    beats the others on both), the best on the first metric."""
-    pool = list(rows) + list(others)
-    if not pool:
-        raise ConfigError("nothing to choose from: no recipe was measured for this budget")
-    bar = {m: max((r[m] for r in others), default=-math.inf) for m in metrics}
-    good = [r for r in pool if all(r[m] >= bar[m] for m in metrics)]
-    best = max(good or pool, key=lambda r: tuple(r[m] for m in metrics))
-    return best, bool(good)
 
 
 # --- the comparison at exact budgets: knapsack against Apple's, the greedy and uniform ---------
@@ -479,8 +470,8 @@ def compare(exp, config, bits=(2.5, 3.0, 3.5, 4.0, 5.0), folder: str = "allocate
 
     Per budget (exact weight.bin bytes of the component: floor(bits x weights / 8)): the greedy
     for each of `greedy_objectives`, Apple's recipe, and the allocator's `top_k` proposals (ranked
-    by the joint probe, `joint` or `joint_probe(exp.settings)`) run through `exp.run`; the kept
-    one (`choose`, against Apple's and the greedy) gets a row of its own, method 'knapsack'.
+    by the joint probe, `joint` or `joint_probe(exp.settings)`) run through `exp.run`; the pick, the
+    proposal of least drift on the joint probe's seeds, gets a row of its own, method 'knapsack'.
     `reference`: another SensitivityConfig (e.g. a shorter probe) whose greedy and Apple recipes
     are run too, for the record (table 'reference'; `wins_reference` in the summary).
     `uniform`: candidate names ('4-pt', '3-g16') also run as uniform recipes. `rest`: the LUT of
@@ -516,9 +507,10 @@ def compare(exp, config, bits=(2.5, 3.0, 3.5, 4.0, 5.0), folder: str = "allocate
             continue
         theirs = baselines(exp, bound, b, greedy_objectives, apple)
         old = baselines(exp, ref, b, greedy_objectives, apple, tag="reference") if ref else []
-        mine, tried = _proposals(exp, bound, allocator.allocate(budget), b, top_k)
+        result = allocator.allocate(budget)
+        mine, tried = _proposals(exp, bound, result, b, top_k)
         proposals += tried
-        final = _keep(exp, bound, mine, theirs, old, b)
+        final = _keep(exp, bound, result, theirs, old, b)
         rows += theirs + old + mine + [final]
         summary += [_summary(r, b, component) for r in theirs + old + [final]]
     t_end = time.perf_counter()
@@ -540,26 +532,24 @@ def _proposals(exp, bound: Bound, result: Result, bits: float, top_k: int) -> tu
     return rows, [{**p.row(sizes), **base, "tried": i < top_k} for i, p in enumerate(result.proposals)]
 
 
-def _keep(exp, bound: Bound, mine: list[dict], theirs: list[dict], old: list[dict], bits: float) -> dict:
-    """The kept recipe's own row (method 'knapsack', a copy of the row it was chosen from)."""
-    kept, wins = choose(mine, theirs)
-    carried = ("proposal", "objective", "round", "predicted_drift", "additive_drift", "predicted_bytes", "avg_bits",
-               "target", "target_bits", "target_bytes", "probes", "allocate_s")
-    cols = {k: kept[k] for k in carried if k in kept}
-    cols.update({k: v for k, v in kept.items() if k.startswith("probe_")})
-    cols.update(method="knapsack", picked=kept["label"], wins=wins)
+def _keep(exp, bound: Bound, result: Result, theirs: list[dict], old: list[dict], bits: float) -> dict:
+    """The kept recipe's own row (method 'knapsack'): the proposal of least drift on the joint
+    probe's seeds, chosen before and apart from the experiment's images, then scored on them. Its
+    verdicts against Apple's and the greedy (`wins`) are on the experiment's images alone."""
+    best, sizes = result.best, bound.sizes
+    cols = {**best.row(sizes), "target": f"{bits:g}b", "target_bits": bits,
+            "target_bytes": sizes.fixed_bytes + result.budget_bytes, "probes": result.probes,
+            "allocate_s": result.seconds}
+    row = dict(exp.run(bound.recipe(best.allocation), label=f"knapsack {bits:g}b", columns=cols).row)
+    verdict = dict(method="knapsack", picked=best.name, wins=_beats(row, theirs))
     if old:
-        cols["wins_reference"] = all(kept[m] >= r[m] for r in old for m in ("psnr", "ssim"))
-    row = dict(exp.run(_recipe_of(kept), label=f"knapsack {bits:g}b", columns=cols).row)
-    return {**row, **cols}  # a row read back keeps its first columns: the verdicts are this call's
+        verdict["wins_reference"] = _beats(row, old)
+    return {**row, **cols, **verdict}  # a row read back keeps its first columns: the verdicts are this call's
 
 
-def _recipe_of(row: dict):
-    """The Recipe a results row was made from."""
-    from sdwork.compress.recipe import Recipe
-
-    fields = {f for f in Recipe.__dataclass_fields__}
-    return Recipe.from_dict({k: v for k, v in row.items() if k in fields})
+def _beats(row: dict, others: list[dict], metrics=("psnr", "ssim")) -> bool:
+    """At least as good as every one of `others` on every metric."""
+    return all(row[m] >= o[m] for o in others for m in metrics)
 
 
 def _summary(row: dict, bits: float, component: str) -> dict:
