@@ -62,6 +62,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=_positive, help="run at most this many of the grid's recipes (in grid order)")
     s.add_argument("--drop-packages", action="store_true", help="delete each variant's packages after scoring")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--executor", choices=["serial", "dask"], default="serial",
+                   help="where variants run: here one after another, or as tasks on a Dask cluster (docs/dask.md)")
+    s.add_argument("--scheduler", metavar="ADDRESS", help="with --executor dask: a running scheduler, e.g. tcp://head:8786")
+    s.add_argument("--workers", type=int, metavar="N",
+                   help="with --executor dask: start a local cluster of N worker processes (default 2)")
+    s.add_argument("--packages", metavar="DIR", type=_folder,
+                   help="fp16 packages converted before (notebook 01's runs/convert/<model>, convert_pipeline): "
+                        "reused once their metadata shows this model's weights and layout (refused otherwise). "
+                        "Default: converted once into the sdwork cache, $SDWORK_CACHE/fp16-packages "
+                        "(else ~/.cache/sdwork/fp16-packages), and reused by every later sweep")
+    _generation_options(s)
     s.set_defaults(func=_sweep)
 
     r = sub.add_parser("results", help="print a run's results table")
@@ -84,24 +95,108 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+DEVICES = ("cpu", "cuda", "mps", "auto")  # sdwork.generate.DEVICES (not imported: --help stays fast)
+
+
+def _folder(text: str) -> str:
+    from sdwork.paths import resolve
+
+    if not resolve(text).is_dir():
+        raise argparse.ArgumentTypeError(f"no folder at {resolve(text)}; pass the folder the .mlpackage files are in")
+    return text
+
+
+def _seed(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. --seed 0") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"seeds are 0 or more, got {n}")
+    return n
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _side(text: str) -> int:
+    n = _count(text)
+    if n % 8:
+        raise argparse.ArgumentTypeError(f"{n} is not a multiple of 8 (the VAE's scale); e.g. {max(8, n // 8 * 8)}")
+    return n
+
+
+def _guidance(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give e.g. --guidance 7.5") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _generation_options(s) -> None:
+    g = s.add_argument_group("generation (each overrides the grid's 'generation' section; with --prompt and "
+                             "--seed given, a grid needs none)")
+    g.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
+                   help="a prompt (repeat for several); replaces the grid's prompts")
+    g.add_argument("--seed", action="append", dest="seeds", type=_seed, metavar="N",
+                   help="a seed (repeat for several); images are prompts x seeds")
+    g.add_argument("--steps", type=_count, help="denoising steps per image")
+    g.add_argument("--size", type=_side, metavar="PX", help="image height and width in pixels (a multiple of 8); "
+                   "default: the model's native size")
+    g.add_argument("--height", type=_side, metavar="PX")
+    g.add_argument("--width", type=_side, metavar="PX")
+    g.add_argument("--guidance", type=_guidance, help="classifier-free guidance scale")
+    g.add_argument("--threads", type=_count, help="torch threads while generating (part of the baseline's key)")
+    g.add_argument("--device", choices=DEVICES, help="where images are generated; auto: cuda, else mps, else cpu")
+
+
+def _generation(args) -> dict:
+    """The generation options given, as GenSettings fields."""
+    from sdwork.errors import ConfigError
+
+    if args.size is not None and (args.height is not None or args.width is not None):
+        raise ConfigError("--size sets both height and width; give --size alone, or --height and --width")
+    out = dict(prompts=args.prompts and tuple(args.prompts), seeds=args.seeds and tuple(args.seeds),
+               steps=args.steps, guidance=args.guidance, threads=args.threads, device=args.device,
+               height=args.size or args.height, width=args.size or args.width)
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def _sweep(args) -> int:
     import time
 
+    from sdwork.experiments.executors import executor_for
     from sdwork.experiments.experiment import Experiment
     from sdwork.experiments.results import summary_table
 
     t0 = time.perf_counter()
+    executor = executor_for(args.executor, args.scheduler, args.workers)
+    if executor is not None:
+        executor.check()  # a scheduler that does not answer: refused before the model loads
     exp, recipes = Experiment.from_grid(args.grid, args.out, model=args.model, engine=args.engine,
                                         scorer=args.scorer or "grid", limit=args.limit,
                                         progress=not args.no_progress, keep_packages=not args.drop_packages,
-                                        attention=args.attention)
-    df = exp.sweep(recipes)
+                                        attention=args.attention, generation=_generation(args),
+                                        packages=args.packages)
+    df = exp.sweep(recipes, executor=executor)
     failed = df[df.get("status", "ok") == "failed"] if "status" in df else df.iloc[:0]
     print(_table(summary_table(df.drop(failed.index))))
     for _, r in failed.iterrows():
         print(f"failed: {r['name']}: {r['error']}", file=sys.stderr)
     print(f"{len(df) - len(failed)} variants of this grid in {exp.out / 'results.jsonl'} "
           f"({time.perf_counter() - t0:.0f} s)" + (f", {len(failed)} failed (a rerun retries them)" if len(failed) else ""))
+    if exp.packages_note:  # None when every variant was done already: no package was needed
+        print(exp.packages_note)
     return 2 if len(failed) else 0
 
 

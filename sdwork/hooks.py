@@ -6,7 +6,8 @@ a kill between two variants) without patching private names.
 
 Production code calls `fire(name, **info)` at each point; with nothing registered it costs a
 dictionary lookup. Points used in sdwork: "checkpoint_saved" (stage=, step=), "variant_done"
-(name=), "variant_compressed" (name=).
+(name=), "variant_compressed" (name=), "variant_loaded" (components=: a variant's weights are
+in the pipeline, about to generate).
 """
 from __future__ import annotations
 

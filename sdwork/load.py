@@ -15,7 +15,8 @@ from sdwork.errors import ModelNotFoundError
 
 
 def resolve_spec(spec: str | os.PathLike) -> str:
-    """Map "tiny" to the embedded model folder; anything else passes through."""
+    """Map "tiny" to the embedded model folder, a relative folder to one under the checkout
+    (paths.spec); anything else passes through."""
     spec = str(spec)
     if spec == "tiny":
         if not (paths.TINY / "model_index.json").exists():
@@ -24,7 +25,7 @@ def resolve_spec(spec: str | os.PathLike) -> str:
                 "or retrain it with `python -m sdwork.tiny.train`"
             )
         return str(paths.TINY)
-    return spec
+    return paths.spec(spec)  # a relative folder: under the checkout, as every path parameter
 
 
 def load_pipeline(spec: str | os.PathLike = "tiny", dtype: torch.dtype = torch.float32, progress: bool = True):

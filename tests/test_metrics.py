@@ -141,7 +141,7 @@ def test_score_images_table(scorer):
     imgs[1, :32] = 0
     t = score_images(base, imgs, ["p", "q"], scorer, seeds=[10, 11])
     assert list(t.columns) == ["image", "prompt", "seed_index", "seed", "psnr", "ssim",
-                               "clip_image_image", "clip_text_image", "clip_model"]
+                               "clip_image_image", "clip_text_image", "clip_model", "clip_valid", "scorer_note"]
     assert t.prompt.tolist() == ["p", "p", "q", "q"] and t.seed.tolist() == [10, 11, 10, 11]
     assert t.psnr[0] == math.inf and np.isfinite(t.psnr[1]) and t.psnr[1] < 20
     assert t.ssim[0] == pytest.approx(1.0) and t.ssim[1] < 0.9

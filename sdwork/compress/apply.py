@@ -126,17 +126,20 @@ def non_weight_consts(package) -> tuple[str, ...]:
 
 def _compress_coreml(recipe: Recipe, src: Path, dst: Path, progress: bool, keep_dense: tuple[str, ...]) -> pd.DataFrame:
     """Write the compressed package to dst; returns the passes' report."""
-    import coremltools as ct
+    from sdwork.coreml.package import open_package
+    from sdwork.paths import scratch
 
-    ml = ct.models.MLModel(str(src), skip_model_load=True)
-    with _omp_single_thread(), coremltools_progress(progress):
+    # coremltools' temporary packages (one per pass, GBs for a UNet) go to sdwork's scratch folder,
+    # removed once the result is saved, or when the compression fails
+    with scratch(), _omp_single_thread(), coremltools_progress(progress):
+        ml = open_package(src)  # read-only: the fp16 package is shared by every variant
         try:
             out, report = _run_passes(recipe, ml, keep_dense, progress)
         except NotImplementedError as e:
             raise EngineError(f"engine {recipe.engine!r} does not cover recipe {recipe.name}: {e}") from e  # e names the fix
-    if dst.exists():
-        shutil.rmtree(dst)
-    out.save(str(dst))
+        if dst.exists():
+            shutil.rmtree(dst)
+        out.save(str(dst))
     return report
 
 
@@ -300,7 +303,9 @@ NOT_A_WEIGHT = "a constant, not a module weight (e.g. an attention mask): sdwork
 
 def uncompressed_layers(result: Compressed, weight_maps: dict[str, dict[str, str]] | None = None) -> list[dict]:
     """Every weight of a compressed component still stored dense, with the kind and reason from
-    the palettization pass's report; derived from the recipe where no pass report exists."""
+    the palettization pass's report; derived from the recipe where no pass report exists. With
+    weight maps, a const no torch parameter maps to (the text encoder's causal mask) is kind
+    not_a_weight whatever the pass says, so it never counts as a weight left dense."""
     recipe, out = result.recipe, []
     overrides = dict(recipe.overrides)
     for comp in recipe.components:
@@ -311,7 +316,9 @@ def uncompressed_layers(result: Compressed, weight_maps: dict[str, dict[str, str
         for layer in result.sizes[comp].layers:
             if layer.compressed:
                 continue
-            if rows is None:
+            if names and layer.name not in names:  # maps to no torch parameter (a causal mask): no weight
+                reason, kind = NOT_A_WEIGHT, "not_a_weight"
+            elif rows is None:
                 reason, kind = _derived_reason(layer, recipe, overrides, layer.name in not_weights)
             else:
                 reason, kind = _reported_reason(rows.get(layer.name), layer.name, overrides, not_weights)

@@ -102,7 +102,9 @@ def read_luts(model) -> dict:
     "_palettized" suffix coremltools appends, giving the original const name.
     """
     if not isinstance(model, ct.models.MLModel):
-        model = ct.models.MLModel(str(model), skip_model_load=True)
+        from sdwork.coreml.package import open_package
+
+        model = open_package(model)  # read-only
     spec_version = model.get_spec().specificationVersion
     prog = ct_model_utils._convert_model_spec_to_pymil_prog(model, spec_version, _milproto_load)
     out = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import json
 import shutil
 from pathlib import Path
@@ -51,6 +52,9 @@ def convert_pipeline(pipe, out_dir, components=C.COMPONENTS, target: str = "iOS1
     for comp in tqdm(components, desc="convert", disable=not progress):
         paths[comp] = convert_component(pipe, comp, out_dir, target=target, unet_batch=unet_batch,
                                         progress=progress, source=source, io=io, attention=attention)
+        # coremltools' programs hold reference cycles: free this component's (GBs at full size)
+        # before the next one is exported, not whenever the collector next runs
+        gc.collect()
     if "unet" in paths:
         _write_chunks(paths["unet"], chunks)
     return paths
@@ -123,6 +127,7 @@ def convert_component(pipe, component: str, out_dir, target: str = "iOS18", unet
     path = Path(out_dir) / sp.package
     _save(mlmodel, path)
     sidecar(path).write_text(wm.to_json())
+    del mlmodel, wrapper
     return path
 
 

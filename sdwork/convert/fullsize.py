@@ -57,6 +57,26 @@ def random_pipeline(arch: str, parts=PARTS, seed: int = 0, overrides: dict[str, 
     return pipe
 
 
+def save_random_folder(arch: str, out, seed: int = 0):
+    """The random-init `arch` pipeline saved as a diffusers folder (what `load_pipeline(out)` reads,
+    as a user's downloaded checkpoint would be), in safetensors. Returns the folder.
+
+    The configs carry the hub's `_diffusers_version` (0.6.0 for SD 1.5), and diffusers forces 64x64
+    latents on a UNet of a version before 0.9 whose sample_size is below 64 (a reduced test
+    architecture); save_pretrained stamps the installed version instead, checked here."""
+    import json
+    from pathlib import Path
+
+    import diffusers
+
+    out = Path(out)
+    random_pipeline(arch, seed=seed).save_pretrained(out, safe_serialization=True)
+    for part in PARTS:
+        stamped = json.loads((out / part / "config.json").read_text()).get("_diffusers_version")
+        if part != "text_encoder" and stamped != diffusers.__version__:
+            raise ConfigError(f"{out / part / 'config.json'} says _diffusers_version {stamped!r}, not the installed "
+                              f"{diffusers.__version__}: delete the folder and build it again")
+    return out
 
 
 def _scheduler():

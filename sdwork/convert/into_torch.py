@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sdwork.convert import components as C
-from sdwork.coreml.package import PackageError, metadata, open_package, package_weights
+from sdwork.coreml.package import PackageError, base_name, metadata, open_package
 from sdwork.convert.weightmap import WeightMap, read_weight_map
 from sdwork.weights import fp16_hash
 
@@ -31,21 +31,82 @@ def load_packages_into_pipeline(pipe, packages: dict[str, Path]):
 @torch.no_grad()
 def load_package_into_module(module: torch.nn.Module, component: str, package, same_weights: bool = True) -> WeightMap:
     """Copy the package's weights into `module`. same_weights: first check the package was converted
-    from these very weights (its metadata's fp16 hash); off only where `module` is a blank copy."""
+    from these very weights (its metadata's fp16 hash); off only where `module` is a blank copy.
+
+    Weights are decompressed one at a time and copied at once (iter_package_weights), so a
+    full-size UNet's dense weights never exist twice: only the package's stored form and one layer."""
     mlmodel = open_package(package)
     wm = check_belongs(module, component, package, mlmodel, same_weights)
-    weights = package_weights(mlmodel)
     params = dict(module.named_parameters())
+    by_const: dict[str, list[str]] = {}
     for name, e in wm.entries.items():
-        p = params[name]
         if e.kind == "identity":
-            p.fill_(1.0 if name.endswith("weight") else 0.0)
-            continue
-        if e.const not in weights:
-            raise PackageMismatchError(f"{package} has no constant {e.const} (for {name}): the package was edited "
-                                       f"after conversion or its weight map belongs to another package")
-        p.copy_(_as_tensor(weights[e.const], p, name, package))
+            params[name].fill_(1.0 if name.endswith("weight") else 0.0)
+        else:
+            by_const.setdefault(e.const, []).append(name)
+    written: set[str] = set()
+    for const, value in iter_package_weights(mlmodel):
+        names = by_const.get(const)
+        if names and const in written:
+            _check_same(value, params[names[0]], const, package)
+        elif names:
+            for name in names:
+                params[name].copy_(_as_tensor(value, params[name], name, package))
+            written.add(const)
+    missing = sorted(set(by_const) - written)
+    if missing:
+        raise PackageMismatchError(f"{package} has no constant {missing[0]} (for {by_const[missing[0]][0]}): the "
+                                   "package was edited after conversion or its weight map belongs to another package")
     return wm
+
+
+def iter_package_weights(package):
+    """(const name, exact values) of every float constant an op of the package computes with, as
+    package_weights gives them, but one weight at a time: an uncompressed package's straight from
+    weight.bin, a compressed one's constexpr chains decoded by sdwork.coreml.decode (bit-identical
+    to coremltools' definitions) as they are reached."""
+    mlmodel = open_package(package)
+    spec = mlmodel.get_spec()
+    if not any(op.type.startswith("constexpr_") for op in _spec_ops(spec)):
+        yield from _stored_consts(mlmodel, spec)
+        return
+    from sdwork.coreml.decode import is_constexpr, iter_decoded, package_program
+
+    prog = package_program(mlmodel)
+    for fn in prog.functions.values():
+        for op in fn.operations:
+            out = op.outputs[0] if op.op_type == "const" else None
+            if out is None or not any(not is_constexpr(c) for c in out.child_ops):
+                continue  # inputs of a constexpr chain (indices, LUTs) are not weights
+            if isinstance(out.val, np.ndarray) and np.issubdtype(out.val.dtype, np.floating):
+                yield base_name(out.name), out.val
+    for name, value in iter_decoded(prog):
+        yield base_name(name), value
+
+
+def _spec_ops(spec):
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            yield from block.operations
+
+
+def _stored_consts(mlmodel, spec):
+    """Float consts read from weight.bin one by one, as coremltools' program loader reads each. A
+    reader per const: its memory map (and the pages it touched) goes with it, so the RSS holds one
+    weight, not the file."""
+    from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
+
+    for op in _spec_ops(spec):
+        if op.type != "const":
+            continue
+        value = _load_value(TranscriptionContext(mlmodel.weights_dir), op.attributes["val"])
+        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+            yield base_name(op.outputs[0].name), value
+
+
+def _check_same(value: np.ndarray, p: torch.Tensor, const: str, package) -> None:
+    if not torch.equal(_as_tensor(value, p, const, package), p):
+        raise PackageError(f"two different constants share the name {const!r} in {package}; convert it again")
 
 
 def check_belongs(module: torch.nn.Module, component: str, package, mlmodel=None, same_weights: bool = True) -> WeightMap:
@@ -93,4 +154,4 @@ def _as_tensor(value: np.ndarray, p: torch.Tensor, name: str, package) -> torch.
     if value.size != p.numel():
         raise PackageMismatchError(f"{package}: the constant for {name} has {value.size} values, the parameter "
                                    f"{tuple(p.shape)} needs {p.numel()}: the package belongs to another model")
-    return torch.from_numpy(np.ascontiguousarray(value).astype(np.float32)).reshape(p.shape).to(p.dtype)
+    return torch.from_numpy(np.ascontiguousarray(value).astype(np.float32)).reshape(p.shape).to(p.device, p.dtype)

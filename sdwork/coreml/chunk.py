@@ -64,13 +64,18 @@ def split_unet(package, out_dir, progress: bool = False) -> tuple[Path, Path]:
 
     Each chunk carries the package's metadata with its chunk number and the part of the weight
     map whose constants it holds. Any chunks already in out_dir are replaced."""
-    path = _check_package(package)
+    from sdwork.paths import scratch
+
+    with scratch():  # coremltools' temporary chunk packages: removed once the chunks are saved
+        return _split_unet(_check_package(package), Path(out_dir), progress)
+
+
+def _split_unet(path: Path, out_dir: Path, progress: bool) -> tuple[Path, Path]:
     sizes = package_sizes(path)
     cut = plan_cut(path, sizes)
     models = _chunk_models(path, cut, progress)
     chunk_maps = _split_weight_map(metadata(path).get("weightmap"), [_const_names(m) for m in models])
     source = open_package(path)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     try:

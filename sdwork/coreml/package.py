@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +35,33 @@ def open_package(package):
     if path.suffix != ".mlpackage" or not (path / "Manifest.json").exists():
         raise PackageError(f"{path} is not an .mlpackage (no Manifest.json); pass the .mlpackage folder itself")
     try:
-        return ct.models.MLModel(str(path), skip_model_load=True)
+        return read_only(path)
     except Exception as e:  # coremltools raises several types for a damaged package
         raise PackageError(f"cannot read the Core ML package {path}: {e}. It is damaged; convert it again") from e
+
+
+def read_only(path):
+    """MLModel(path, skip_model_load=True) without writing to the package. coremltools' package
+    reader rewrites Manifest.json on every open (new bytes and mtime: a bundle's digest changes, a
+    read-only mount fails), so it opens a shadow: a copy of the manifest beside a link to the
+    package's Data/, in sdwork's scratch folder; the model then points at the package itself."""
+    import coremltools as ct
+
+    from sdwork.paths import scratch_dir
+
+    path = Path(path).resolve()
+    shadow = Path(tempfile.mkdtemp(prefix="read-", dir=scratch_dir())).resolve() / path.name
+    try:
+        shadow.mkdir()
+        shutil.copyfile(path / "Manifest.json", shadow / "Manifest.json")
+        (shadow / "Data").symlink_to(path / "Data", target_is_directory=True)
+        ml = ct.models.MLModel(str(shadow), skip_model_load=True)
+    finally:
+        shutil.rmtree(shadow.parent, ignore_errors=True)  # removes the link, never what it points to
+    if ml.weights_dir is not None and Path(ml.weights_dir).is_relative_to(shadow):
+        ml._weights_dir = str(path / Path(ml.weights_dir).relative_to(shadow))
+    ml.package_path = str(path)
+    return ml
 
 
 def metadata(package) -> dict[str, str]:

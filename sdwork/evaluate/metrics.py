@@ -18,6 +18,7 @@ from skimage.metrics import structural_similarity
 
 from sdwork.generate import torch_threads
 from sdwork.evaluate.psnr import image_psnr
+from sdwork import paths
 from sdwork.paths import TINY_CLIP
 from sdwork.load import ModelNotFoundError, _looks_like_path, _offline, load_error
 from sdwork.errors import ConfigError
@@ -65,8 +66,10 @@ class ClipScorer:
 
     path: "tiny" (the project's own small CLIP in data/models/tiny-clip),
     "tiny-random" (same architecture, random init, seed 0: for tests), a local
-    folder written by save_pretrained, or a hub id (already downloaded when offline).
-    Torch runs on `threads` threads while scoring (the count changes the last bits).
+    folder written by save_pretrained, or a hub id (already downloaded when offline); weights
+    are read from safetensors only. Torch runs on `threads` threads while scoring (the count
+    changes the last bits). `mismatch(h, w)` says when its scores mean nothing for such images
+    (the tiny CLIP knows 64x64 shapes only); results rows carry it as clip_valid / scorer_note.
     """
 
     def __init__(self, path: str | os.PathLike = "tiny", batch_size: int = 64, threads: int = 1):
@@ -76,6 +79,22 @@ class ClipScorer:
         self.threads = threads
         text_cfg = self.model.config.text_config
         self.max_length = min(self.tokenizer.model_max_length, text_cfg.max_position_embeddings)
+        self.image_size = int(self.model.config.vision_config.image_size)  # what it was trained at
+        self.domain = TINY_DOMAIN if _is_tiny(path) else None  # None: general images (a real CLIP)
+
+    def mismatch(self, height: int, width: int) -> str | None:
+        """Why this scorer's CLIP columns mean nothing for images of height x width, or None."""
+        side, fix = self.image_size, ("score with a downloaded CLIP instead (scorer='openai/clip-vit-base-patch32', "
+                                      "or the folder it was saved to), or with scorer=None for PSNR/SSIM only")
+        if self.name.startswith("tiny-random"):
+            return f"{self.name} is a CLIP with random weights (for tests): its CLIP columns measure nothing"
+        if self.domain and (height, width) != (side, side):
+            return (f"{self.name} is a {side}x{side} CLIP trained on {self.domain}; for {height}x{width} images "
+                    f"its CLIP columns mean nothing: {fix}")
+        if max(height, width) * 2 < side:
+            return (f"{height}x{width} images are upscaled more than twice to the {side}x{side} {self.name} "
+                    f"was trained at: its CLIP columns say little; {fix}")
+        return None
 
     @torch.no_grad()
     def image_embeddings(self, images: np.ndarray) -> torch.Tensor:
@@ -122,6 +141,20 @@ class ClipScorer:
         return f"ClipScorer({self.name!r})"
 
 
+TINY_DOMAIN = "the embedded model's procedural shapes"
+
+
+def _is_tiny(path) -> bool:
+    spec = str(path)
+    return spec in ("tiny", "tiny-random") or Path(spec).expanduser().resolve() == TINY_CLIP.resolve()
+
+
+def scorer_columns(scorer, height: int, width: int) -> dict:
+    """clip_valid (None without a scorer) and scorer_note (why not valid) of a results row."""
+    note = scorer.mismatch(height, width) if scorer is not None else None
+    return dict(clip_valid=None if scorer is None else note is None, scorer_note=note)
+
+
 def _features(out) -> torch.Tensor:
     # transformers 5 returns an output object from get_*_features; 4.x a tensor
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -146,7 +179,7 @@ def _load_clip(path):
                 "'tiny-random' (random init, for tests), a CLIP folder or a hub id"
             )
         return _pretrained_clip(TINY_CLIP, local=True, name="tiny (data/models/tiny-clip)")
-    folder = Path(spec).expanduser()
+    folder = Path(paths.spec(spec))  # a relative folder: under the checkout, as every path parameter
     if folder.exists():
         if not (folder / "config.json").exists():
             raise ModelNotFoundError(f"{folder} is not a CLIP model folder (no config.json); pass the folder save_pretrained wrote")
@@ -236,4 +269,6 @@ def score_images(baseline: np.ndarray, images: np.ndarray, prompts, scorer: Clip
         table["clip_image_image"] = scorer.image_image(baseline, images)
         table["clip_text_image"] = scorer.text_image(per_prompt, images)
         table["clip_model"] = scorer.name
+        for k, v in scorer_columns(scorer, *images.shape[1:3]).items():
+            table[k] = v
     return table

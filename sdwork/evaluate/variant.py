@@ -1,12 +1,15 @@
 """Score a compressed variant: its exact weights in the torch pipeline, images, drift metrics.
 
 The compressed packages are the truth: their decompressed weights (every LUT looked up
-exactly as Core ML would) are copied into a copy of the fp16 torch pipeline, which then
-generates the same fixed-seed images as the baseline. On macOS the packages themselves can run
+exactly as Core ML would) are written, one layer at a time, into the one loaded fp16 torch
+pipeline, which then generates the same fixed-seed images as the baseline; its own weights are
+restored afterwards, also when the evaluation fails (`variant_weights`). No second copy of the
+model exists, so a full-size pipeline is evaluated in the memory it takes once. On macOS the packages themselves can run
 instead (evaluator "coreml:<compute unit>", sdwork.evaluate.coreml_pipeline); each row says which ran.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -14,7 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import torch
 
+from sdwork import hooks
 from sdwork.evaluate.psnr import pooled_psnr
 from sdwork.generate import GenSettings, generate
 
@@ -32,21 +37,105 @@ class Evaluation:
 
 
 def load_variant(pipe_fp16, packages: dict):
-    """A copy of the fp16 pipeline holding the packages' exact decompressed weights."""
+    """A deep copy of the fp16 pipeline holding the packages' exact decompressed weights.
+
+    For a caller that wants both pipelines at once: it holds the model twice. Evaluation uses
+    `variant_weights`, which writes into the one pipeline in place (benchmarks/fullsize_sweep.py
+    measures both)."""
     from sdwork.convert.into_torch import load_packages_into_pipeline
 
     return load_packages_into_pipeline(copy.deepcopy(pipe_fp16), packages)
 
 
+@contextlib.contextmanager
+def variant_weights(pipe, packages: dict, fp16_packages: dict | None = None):
+    """`pipe` holding the packages' exact weights inside the block; its own weights back after it,
+    bit for bit, also on an exception (weights_hash(pipe) is unchanged).
+
+    A component with an fp16 package in `fp16_packages` is restored from it: exact, since the
+    pipeline's weights are fp16-rounded and that package holds them. Only what it cannot restore
+    exactly is kept aside: tensors under 400 elements (where coremltools keeps an underflowing
+    value as the smallest subnormal) and weights that are not fp16 values. A component without
+    one keeps the weights its package replaces aside, in fp16 where that is lossless."""
+    fp16_packages = {**(fp16_packages or {})}
+    loaded: list[tuple[str, dict]] = []
+    try:
+        for comp, package in packages.items():
+            source = fp16_packages.get(comp)
+            if source is not None:
+                _check_same_source(comp, package, source)
+            loaded.append((comp, _keep_aside(pipe, comp, package, full=source is None)))
+            _load(pipe, comp, package)
+        yield pipe
+    finally:
+        for comp, kept in reversed(loaded):
+            if comp in fp16_packages:
+                _load(pipe, comp, fp16_packages[comp], same_weights=False)  # the variant's weights are in it now
+            _put_back(pipe, comp, kept)
+
+
+def _load(pipe, comp: str, package, same_weights: bool = True) -> None:
+    from sdwork.convert import components as C
+    from sdwork.convert.into_torch import load_package_into_module
+
+    load_package_into_module(C.torch_module(pipe, comp), comp, package, same_weights=same_weights)
+
+
+# coremltools' fp16 pass keeps a nonzero value that underflows as the smallest subnormal in tensors
+# of fewer elements (sdwork.convert.weightmap.coreml_fp16): those differ from the plain rounding
+_COREML_EXACT_MIN = 400
+
+
+@torch.no_grad()
+def _keep_aside(pipe, comp: str, package, full: bool) -> dict:
+    """{parameter name: its value} of what restoring from the fp16 package would not give back
+    exactly (everything the package maps when full); fp16 where that is lossless."""
+    from sdwork.convert import components as C
+    from sdwork.convert.weightmap import read_weight_map
+
+    params = dict(C.torch_module(pipe, comp).named_parameters())
+    kept = {}
+    for name in read_weight_map(package).entries:
+        p = params[name]
+        half = p.to(torch.float16)
+        exact = torch.equal(half.to(p.dtype), p)
+        if full or not exact or p.numel() < _COREML_EXACT_MIN:
+            kept[name] = half if exact else p.clone()
+    return kept
+
+
+@torch.no_grad()
+def _put_back(pipe, comp: str, kept: dict) -> None:
+    from sdwork.convert import components as C
+
+    params = dict(C.torch_module(pipe, comp).named_parameters())
+    for name, value in kept.items():
+        params[name].copy_(value)
+
+
+def _check_same_source(comp: str, package, fp16_package) -> None:
+    """The fp16 package restores the pipeline only if both were converted from the same weights
+    (loading the variant checks those are the pipeline's)."""
+    from sdwork.convert.into_torch import PackageMismatchError
+    from sdwork.coreml.package import metadata
+
+    got, ref = metadata(package).get("source_weights"), metadata(fp16_package).get("source_weights")
+    if got != ref or ref is None:
+        raise PackageMismatchError(f"{fp16_package} (weights {ref}) is not the fp16 package {package} was made from "
+                                   f"(weights {got}); pass the fp16 packages of this pipeline as fp16_packages")
+
+
 def evaluate(pipe_fp16, packages: dict, settings: GenSettings, baseline: np.ndarray, scorer=None,
-             progress: bool = True, evaluator: str = "torch") -> Evaluation:
+             progress: bool = True, evaluator: str = "torch", fp16_packages: dict | None = None) -> Evaluation:
     """Generate with the packages' weights and score against `baseline` (the fp16 images).
-    evaluator: "torch" (the exact weights in PyTorch) or "coreml:<compute unit>" (macOS)."""
+    evaluator: "torch" (the exact weights in PyTorch, written into `pipe_fp16` and restored after:
+    pass the pipeline's fp16 packages as `fp16_packages` to restore from them, else the weights a
+    package replaces are kept aside in fp16) or "coreml:<compute unit>" (macOS)."""
     t0, c0 = time.perf_counter(), time.process_time()
     if evaluator == "torch":
-        pipe = load_variant(pipe_fp16, packages)
-        images = generate(pipe, settings, progress=progress)
-        del pipe
+        with variant_weights(pipe_fp16, packages, fp16_packages) as pipe:
+            hooks.fire("variant_loaded", components=tuple(packages))
+            images = generate(pipe, settings, progress=progress)
     else:
         from sdwork.evaluate.coreml_pipeline import generate_coreml
 

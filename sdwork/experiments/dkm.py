@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 from sdwork import hooks
 from sdwork.compress.recipe import DEFAULT_WEIGHT_THRESHOLD, Recipe, check_lut, implied_granularity
 from sdwork.errors import ConfigError, MismatchError, PackageError
-from sdwork.generate import torch_threads
+from sdwork import validate
+from sdwork.generate import DEVICES, resolve_device, torch_threads
 from sdwork.io import as_json, digest, write_json
 
 OBJECTIVES = ("distill", "dataset")
@@ -77,6 +78,9 @@ class DKMSettings:
     seed: int = 0
     threads: int = 2  # torch threads: the last bits of the result depend on it
     ckpt_every: int = 50
+    # where student and teacher train, in fp32 ("cpu", "cuda", "mps" or "auto"); batches are drawn on
+    # the CPU everywhere. Off the CPU the run is another run: its settings (and name) say the device
+    device: str = "cpu"
 
     def __post_init__(self):
         object.__setattr__(self, "granularity", implied_granularity(self.granularity, self.group_size))
@@ -94,6 +98,7 @@ class DKMSettings:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
         if self.init == "exact" and self.cluster_dim > 1:
             raise ConfigError("init='exact' is 1-D k-means: use init='kmeans++' (or 'auto') with cluster_dim > 1")
+        validate.choice("device", self.device, DEVICES)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
@@ -119,7 +124,11 @@ class DKMSettings:
         return self.recipe().min_target
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings; device only off the CPU, so CPU run folders, names and keys stay as they were."""
+        d = asdict(self)
+        if d["device"] == "cpu":
+            del d["device"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DKMSettings":
@@ -145,7 +154,7 @@ def dkm_config(s: DKMSettings):
 
 
 # ---------------------------------------------------------------- student
-def prepare_student(unet: torch.nn.Module, s: DKMSettings):
+def prepare_student(unet: torch.nn.Module, s: DKMSettings, device: str = "cpu"):
     """(student, palettizer, skipped): a copy of `unet` with fake palettization inserted.
 
     `skipped` lists the weights one would expect palettized (Linear / Conv2d above
@@ -153,7 +162,7 @@ def prepare_student(unet: torch.nn.Module, s: DKMSettings):
     """
     from coremltools.optimize.torch.palettization import DKMPalettizer
 
-    student = copy.deepcopy(unet).float().train()
+    student = copy.deepcopy(unet).float().to(device).train()  # coremltools' LUT lists follow the weights
     expected = _expected_layers(student, s)
     with _quiet_coremltools():
         palettizer = DKMPalettizer(student, dkm_config(s))
@@ -180,9 +189,9 @@ def _exact_kmeans_start(student: torch.nn.Module, s: DKMSettings) -> None:
             continue
         w = m.weight.detach()
         fq.create_partitions(w)  # contiguous runs of group_size output channels (all of them per tensor)
-        rows = w.to(torch.float16).reshape(len(fq.partitions), -1).numpy()
+        rows = w.to(torch.float16).reshape(len(fq.partitions), -1).cpu().numpy()
         lut, _ = cluster_rows(rows, s.nbits)
-        fq.centroids = [torch.from_numpy(row.astype(np.float32)).view(-1, 1) for row in lut]
+        fq.centroids = [torch.from_numpy(row.astype(np.float32)).view(-1, 1).to(w.device) for row in lut]
         fq.labels = [None] * len(lut)
     torch.set_num_threads(threads)
 
@@ -241,20 +250,21 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
     """
     from sdwork.weights import round_module_to_fp16, round_weights_to_fp16
 
+    device = resolve_device(s.device)  # a device this machine lacks: refused before any work
     run_dir = Path(run_dir)
     round_weights_to_fp16(pipe)
     data = data or _make_data(pipe, s, prompts)
     inputs = _inputs(pipe, data, model)
     _claim_run_dir(run_dir, s, inputs)
-    teacher = copy.deepcopy(pipe.unet).float().eval().requires_grad_(False)
+    teacher = copy.deepcopy(pipe.unet).float().to(device).eval().requires_grad_(False)
     with torch_threads(s.threads), _forked_rng(s.seed):
-        student, palettizer, skipped = prepare_student(pipe.unet, s)
+        student, palettizer, skipped = prepare_student(pipe.unet, s, device)
         opt = torch.optim.AdamW(student.parameters(), lr=s.lr, weight_decay=0.0)
         start, losses = _resume(run_dir, student, opt, palettizer)
         t0, c0 = time.perf_counter(), time.process_time()
         bar = tqdm(range(start, s.steps), desc=f"DKM {s.name}", initial=start, total=s.steps, disable=not progress)
         for step in bar:
-            losses.append(_step(student, teacher, palettizer, opt, data.batch(step), _lr_at(step, s), t0))
+            losses.append(_step(student, teacher, palettizer, opt, _to(data.batch(step), device), _lr_at(step, s), t0))
             bar.set_postfix(loss=f"{losses[-1][1]:.4g}")
             if (step + 1) % s.ckpt_every == 0 or step + 1 == s.steps:
                 _save_checkpoint(run_dir, student, opt, step + 1, losses)
@@ -263,7 +273,7 @@ def train(pipe, s: DKMSettings, run_dir, prompts: list[str] | None = None, data=
         cpu = time.process_time() - c0 if start < s.steps else 0.0
         with _quiet_coremltools():
             # LUTs and the rest snapped to fp16, as the package holds them: torch then computes what it does
-            unet = round_module_to_fp16(palettizer.finalize(inplace=True).eval())
+            unet = round_module_to_fp16(palettizer.finalize(inplace=True).eval().to("cpu"))
     table = pd.DataFrame(losses, columns=["step", "loss", "seconds"])
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     return DKMRun(s, run_dir, unet, table, skipped, seconds, cpu, peak, resumed_from=start, inputs=inputs)
@@ -277,6 +287,16 @@ def _make_data(pipe, s: DKMSettings, prompts):
     if prompts:
         raise ConfigError("objective='dataset' trains on the dataset's captions; prompts= only applies to 'distill'")
     return distill.DatasetData(pipe, batch=s.batch, seed=s.seed, uncond_prob=s.uncond_prob)
+
+
+def _to(b, device: str):
+    """A batch (drawn on the CPU, so the same everywhere) on the training device."""
+    if device == "cpu":
+        return b
+    import dataclasses
+
+    return dataclasses.replace(b, **{f.name: getattr(b, f.name).to(device) for f in dataclasses.fields(b)
+                                     if isinstance(getattr(b, f.name), torch.Tensor)})
 
 
 def _step(student, teacher, palettizer, opt, b, lr: float, t0: float) -> tuple[int, float, float]:
@@ -366,7 +386,7 @@ def _resume(run_dir: Path, student, opt, palettizer) -> tuple[int, list]:
     path = run_dir / CHECKPOINT
     if not path.exists():
         return 0, []
-    state = torch.load(path, weights_only=True)
+    state = torch.load(path, weights_only=True, map_location="cpu")  # loading copies onto the student's device
     _load_student(student, state["student"])
     opt.load_state_dict(state["opt"])
     palettizer._step_count = state["step"]  # the milestone is counted in palettizer steps

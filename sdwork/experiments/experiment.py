@@ -15,6 +15,7 @@ and refused for others.
 from __future__ import annotations
 
 import shutil
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class Experiment:
 
     def __init__(self, model="tiny", settings: GenSettings | dict | None = None, scorer: str | None = "tiny",
                  out=None, *, pipe=None, progress: bool = True, keep_packages: bool = True,
-                 attention: str = "original", evaluator: str = "torch"):
+                 attention: str = "original", evaluator: str = "torch", packages=None):
         from sdwork.convert.components import check_layout
         from sdwork.evaluate.coreml_pipeline import check_evaluator
         from sdwork.evaluate.metrics import ClipScorer
@@ -84,13 +85,29 @@ class Experiment:
             validate.text("scorer", scorer, empty=False)
         self.pipe = pipe if pipe is not None else load_pipeline(model, progress=False)
         round_weights_to_fp16(self.pipe)  # the fp16 baseline every variant is scored against
+        self.settings = self.settings.resolved(self.pipe)  # threads=None: this model's default, recorded
         self.weights_hash = weights_hash(self.pipe)
         self.scorer_spec = scorer
         self.scorer = ClipScorer(scorer) if scorer else None
         self.scorer_hash = module_hash(self.scorer.model) if self.scorer else None
+        self._note_scorer()
         self._baseline = None
         self._packages: dict[str, Path] = {}
+        # fp16 packages converted before (notebook 01): checked against the pipeline now, before any work
+        self.packages_from, self.packages_note = packages and paths.resolve(packages), None
+        if self.packages_from:
+            self.fp16_packages()
         self._facts: dict[Path, tuple[int, dict]] = {}  # fp16 package -> (weight.bin bytes, weight map)
+
+    def _note_scorer(self) -> None:
+        """Say once, up front, when the CLIP scorer does not fit the images (every row says it too)."""
+        from sdwork.generate import native_size
+
+        if self.scorer is not None:
+            note = self.scorer.mismatch(self.settings.height or native_size(self.pipe),
+                                        self.settings.width or native_size(self.pipe))
+            if note:
+                tqdm.write(f"sdwork: note: {note}", file=sys.stderr)
 
     # --- what every variant shares
 
@@ -98,7 +115,7 @@ class Experiment:
     def setup(self) -> dict:
         """What every row of this folder depends on: the stamp in config.json."""
         return as_json(dict(model=self.model, weights_hash=self.weights_hash, scorer=self.scorer_spec,
-                            scorer_hash=self.scorer_hash, generation=asdict(self.settings),
+                            scorer_hash=self.scorer_hash, generation=self.settings.key_fields(),
                             attention=self.attention, evaluator=self.evaluator))
 
     @property
@@ -111,12 +128,21 @@ class Experiment:
         return self._baseline
 
     def fp16_packages(self, components=GENERATION_COMPONENTS) -> dict[str, Path]:
-        """{component: fp16 package} for the generation components and these (cached conversion)."""
-        from sdwork.convert.cache import fp16_packages
+        """{component: fp16 package} for the generation components and these (cached conversion, or
+        the `packages` folder given, checked)."""
+        from sdwork.convert.cache import fp16_packages, user_packages
 
         wanted = tuple(c for c in COMPONENTS if c in set(GENERATION_COMPONENTS) | set(components))
-        if not set(wanted) <= set(self._packages):
+        if not set(wanted) <= set(self._packages) and self.packages_from:
+            self._packages = user_packages(self.pipe, self.packages_from, wanted, attention=self.attention)
+        elif not set(wanted) <= set(self._packages):
             self._packages = fp16_packages(self.pipe, wanted, progress=self.progress, attention=self.attention)
+        if self.packages_note is None:
+            from sdwork.convert.cache import describe
+
+            self.packages_note = describe(self._packages)  # the CLI repeats it at the end
+            if self.progress:
+                tqdm.write(self.packages_note)
         return {c: self._packages[c] for c in wanted}
 
     def weight_maps(self, components=GENERATION_COMPONENTS) -> dict[str, dict[str, str]]:
@@ -158,6 +184,10 @@ class Experiment:
         already in the results is read back instead. `label` (e.g. 'greedy 4-bit') keys a row of its
         own for the same recipe, whose measurements are then copied, not recomputed; `columns` join
         the row."""
+        return self._run(recipe, label, columns, self._measure)
+
+    def _run(self, recipe: Recipe, label, columns, measure) -> Variant:
+        """run() with `measure(recipe, key) -> row`: an executor's adopts a row measured on a cluster."""
         if not isinstance(recipe, Recipe):
             raise ConfigError(f"run() takes a sdwork.Recipe, got {type(recipe).__name__}; e.g. Recipe(nbits=4)")
         key, done = self.key(recipe, **_label(label)), self.done()
@@ -167,39 +197,55 @@ class Experiment:
         self._claim()
         recipe_key = self.key(recipe)
         same = next((r for r in done.values() if r.get("recipe_key") == recipe_key), None)
-        row = dict(same, key=key, same_as=same["name"]) if same else self._measure(recipe, key)
+        row = dict(same, key=key, same_as=same["name"]) if same else measure(recipe, key)
         row.update(label=label, recipe_key=recipe_key, **(columns or {}))
         row["name"] = _row_name(recipe.name, label)
         append_row(self.out / R.RESULTS, row)
         hooks.fire("variant_done", name=row["name"])
         return self._recorded(row, reused=bool(same))
 
-    def sweep(self, grid, limit: int | None = None) -> pd.DataFrame:
+    def sweep(self, grid, limit: int | None = None, executor=None) -> pd.DataFrame:
         """Run every recipe of `grid` (a list of Recipes, or a grid name or file whose generation
         settings must be this experiment's) not yet in the results; a variant that fails with an
         sdwork error gets a row marked failed (retried by a rerun) and the sweep goes on.
-        Returns the grid's rows in grid order."""
+        Returns the grid's rows in grid order. `executor`: None or "serial" (here, one variant after
+        another), "dask" or a sdwork.experiments.executors.Dask (each variant a task on a cluster)."""
+        from sdwork.experiments.executors import executor_for, run_variants
+
+        executor = executor_for(executor)
         recipes = self._recipes(grid, limit)
         for r in recipes:
             self._check_fits(r)
+        if executor is not None:
+            executor.check()  # the scheduler answers: refused before any file is written
         self._claim()
         keys = [self.key(r) for r in recipes]
         todo = [(r, k) for r, k in zip(recipes, keys) if k not in self.done()]
-        bar = tqdm(todo, desc="variants", unit="variant", disable=not self.progress)
-        for recipe, _ in bar:
-            bar.set_postfix_str(recipe.name)
-            try:
-                self.run(recipe)
-            except SdworkError as e:
-                append_row(self.out / R.RESULTS, dict(key=self.key(recipe), name=recipe.name, status=R.FAILED,
-                                                      error=str(e), **_recipe_columns(recipe)))
-                tqdm.write(f"variant {recipe.name} failed: {e}")
+        if executor is not None:
+            run_variants(self, [r for r, _ in todo], executor)
+        else:
+            self._run_here([r for r, _ in todo])
         df = self.results(failed=True)
         if df.empty:
             return df
         order = {k: i for i, k in enumerate(keys)}
         df = df[df["key"].isin(order)]
         return df.iloc[df["key"].map(order).argsort()].reset_index(drop=True)
+
+    def _run_here(self, recipes: list[Recipe]) -> None:
+        bar = tqdm(recipes, desc="variants", unit="variant", disable=not self.progress)
+        for recipe in bar:
+            bar.set_postfix_str(recipe.name)
+            try:
+                self.run(recipe)
+            except SdworkError as e:
+                self._record_failure(recipe, e)
+
+    def _record_failure(self, recipe: Recipe, e: Exception) -> None:
+        """The failed row of a variant (retried by a rerun)."""
+        append_row(self.out / R.RESULTS, dict(key=self.key(recipe), name=recipe.name, status=R.FAILED,
+                                              error=str(e), **_recipe_columns(recipe)))
+        tqdm.write(f"variant {recipe.name} failed: {e}")
 
     def evaluate(self, compressed, name: str, key: str, columns: dict | None = None) -> Variant:
         """Score packages some other producer made (DKM) like every variant, and append the row."""
@@ -229,10 +275,12 @@ class Experiment:
         return row
 
     def _score(self, done, name: str, key: str) -> dict:
+        from sdwork.evaluate.metrics import scorer_columns
         from sdwork.evaluate.variant import evaluate, variant_row
 
-        ev = evaluate(self.pipe, done.packages, self.settings, self.baseline, self.scorer, progress=False,
-                      evaluator=self.evaluator)
+        # the step bar (with its time left) under the variants bar: a full-size image takes minutes
+        ev = evaluate(self.pipe, done.packages, self.settings, self.baseline, self.scorer, progress=self.progress,
+                      evaluator=self.evaluator, fp16_packages=self.fp16_packages(done.recipe.components))
         images_file = self.out / "images" / f"{name}.npz"
         images_file.parent.mkdir(parents=True, exist_ok=True)
         np.savez(images_file, images=ev.images)
@@ -243,6 +291,7 @@ class Experiment:
                    clip_model=getattr(self.scorer, "name", None), images=str(images_file.relative_to(self.out)),
                    packages=_relative(folder, self.out), settings=asdict(self.settings),
                    attention=self.attention, evaluator=self.evaluator)
+        row.update(scorer_columns(self.scorer, *ev.images.shape[1:3]))  # clip_valid, scorer_note
         return row
 
     def _recorded(self, row: dict, reused: bool = True) -> Variant:
@@ -276,18 +325,21 @@ class Experiment:
         from sdwork.experiments.grids import load_grid
 
         g = load_grid(grid, model=self.model, scorer=self.scorer_spec, limit=limit)
-        if g.settings != self.settings:
+        if g.settings.resolved(self.pipe) != self.settings:
             raise ConfigError(f"grid {grid!r} has other generation settings than this experiment; build the "
                               "experiment from the grid: Experiment.from_grid(grid, out)")
         return g.recipes
 
     @classmethod
     def from_grid(cls, grid, out, model: str | None = None, engine: str | None = None, components=None,
-                  scorer: str | None = "grid", limit: int | None = None, **kw) -> tuple["Experiment", list[Recipe]]:
-        """(the experiment a grid file describes, its recipes): validated whole before any model loads."""
+                  scorer: str | None = "grid", limit: int | None = None, generation: dict | None = None,
+                  **kw) -> tuple["Experiment", list[Recipe]]:
+        """(the experiment a grid file describes, its recipes): validated whole before any model loads.
+        `generation` overrides keys of the grid's generation section (GenSettings fields)."""
         from sdwork.experiments.grids import load_grid
 
-        g = load_grid(grid, model=model, engine=engine, components=components, scorer=scorer, limit=limit)
+        g = load_grid(grid, model=model, engine=engine, components=components, scorer=scorer, limit=limit,
+                      generation=generation)
         _out_dir(out)
         return cls(g.model, g.settings, g.scorer, out, **kw), g.recipes
 

@@ -12,6 +12,10 @@ Recipes of every family mix in one grid (sdwork/data/grids/families.yaml): `reci
 {linear_bits: 4, block_size: 32}, {sparsity: 0.5}, {n_m: [2, 4]}, {sparsity: 0.5, nbits: 4,
 group_size: 16} or {nbits: 4, group_size: 16, lut_dtype: int8}. In `grid`, `n_m: [2, 4]` is
 one n:m pair; `n_m: [[2, 4], [1, 4]]` is a product over two.
+
+`load_grid(..., generation={"steps": 20, "height": 512})` overrides keys of the `generation`
+section (the CLI's --prompt, --seed, --steps, --size, ... options); with prompts and seeds given
+that way, a grid needs no `generation` section at all.
 """
 from __future__ import annotations
 
@@ -38,15 +42,14 @@ class Grid:
 
 
 def load_grid(grid, model: str | None = None, engine: str | None = None, components=None,
-              scorer: str | None = "grid", limit: int | None = None) -> Grid:
+              scorer: str | None = "grid", limit: int | None = None, generation: dict | None = None) -> Grid:
     """A grid from a YAML file, a name in sdwork/data/grids/, or the dict a file holds. Keyword
-    arguments override the file (scorer=None means no CLIP scorer); `limit` keeps the first recipes."""
+    arguments override the file (scorer=None means no CLIP scorer); `limit` keeps the first recipes;
+    `generation` overrides keys of the file's generation section (GenSettings fields)."""
     d = validate.known_keys(f"grid {grid if not isinstance(grid, dict) else ''}".strip(), _read(grid), KEYS)
     if limit is not None:
         validate.integer("limit", limit, lo=1, fix="give the number of recipes to run, or leave it out for all")
-    if "generation" not in d:
-        raise ConfigError("the grid needs a 'generation' section (prompts, seeds, steps, guidance, threads)")
-    settings = GenSettings.from_dict(d["generation"], what="the grid's 'generation' section")
+    settings = _settings(d.get("generation"), generation)
     defaults = {"engine": engine or d.get("engine", "coremltools")}
     comps = components or d.get("components")
     if comps is not None:
@@ -70,6 +73,19 @@ def load_grid(grid, model: str | None = None, engine: str | None = None, compone
 
 
 _RECIPE_FIELDS = [f.name for f in fields(Recipe)]
+_GEN_FIELDS = [f.name for f in fields(GenSettings)]
+
+
+def _settings(section, overrides: dict | None) -> GenSettings:
+    """The grid's generation section with `overrides` on top; a missing section is fine when the
+    overrides give prompts and seeds."""
+    overrides = validate.known_keys("the generation options", overrides or {}, _GEN_FIELDS)
+    if section is None and not {"prompts", "seeds"} <= set(overrides):
+        raise ConfigError("the grid has no 'generation' section: add one (prompts, seeds, steps, guidance, threads) "
+                          "or give the prompts and seeds as options (sdwork sweep --prompt TEXT --seed 0)")
+    section = validate.known_keys("the grid's 'generation' section", section or {}, _GEN_FIELDS)
+    what = "the grid's 'generation' section" + (" with the generation options" if overrides else "")
+    return GenSettings.from_dict({**section, **overrides}, what=what)
 
 
 def expand(grid: dict, **defaults) -> list[Recipe]:
@@ -91,11 +107,12 @@ def expand(grid: dict, **defaults) -> list[Recipe]:
 
 
 def grid_path(grid) -> Path:
-    """A grid name ("default", "ci") means sdwork/data/grids/<name>.yaml; anything else is a path."""
+    """A grid name ("default", "ci") means sdwork/data/grids/<name>.yaml; anything else is a path,
+    a relative one under the checkout (paths.resolve: the rule of every path parameter)."""
     g = str(grid)
     if "/" not in g and os.sep not in g and not g.endswith((".yaml", ".yml")):
         return paths.GRIDS / f"{g}.yaml"
-    return Path(g).expanduser()
+    return paths.resolve(g)
 
 
 def available() -> list[str]:

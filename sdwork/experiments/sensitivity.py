@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,7 @@ from sdwork.coreml.lut import lut_to_dense
 from sdwork.coreml.sizes import expected_lut_bytes
 from sdwork.errors import ConfigError, MismatchError
 from sdwork.evaluate.psnr import latent_psnr, pooled_psnr
-from sdwork.generate import GenSettings, native_size, to_uint8
+from sdwork.generate import GenSettings, native_size, on_device, resolve_device, to_uint8
 from sdwork.io import append_row, as_json, claim, read_rows
 
 COMPONENTS = ("unet", "text_encoder")
@@ -167,9 +167,16 @@ class ProbeOutput:
 def run_probe(pipe, settings: ProbeSettings) -> ProbeOutput:
     """One batched pipeline call over every (prompt, seed); latents caught at the last step.
 
-    Every image has its own generator, so its starting noise does not depend on the batch.
+    Every image has its own generator, so its starting noise does not depend on the batch. It runs
+    on settings.device (in fp16 off the CPU, as generate does); the pipeline is back on the CPU after.
     """
+    settings = settings.resolved(pipe)
     torch.set_num_threads(settings.threads)
+    with on_device(pipe, resolve_device(settings.device)):
+        return _probe(pipe, settings)
+
+
+def _probe(pipe, settings: ProbeSettings) -> ProbeOutput:
     pairs = settings.pairs
     size = native_size(pipe)
     caught = {}
@@ -192,7 +199,7 @@ def run_probe(pipe, settings: ProbeSettings) -> ProbeOutput:
         callback_on_step_end=catch,
         callback_on_step_end_tensor_inputs=["latents"],
     )
-    return ProbeOutput(caught["latents"].double().numpy(), to_uint8(out.images))
+    return ProbeOutput(caught["latents"].cpu().double().numpy(), to_uint8(out.images))
 
 
 def drift(ref: ProbeOutput, out: ProbeOutput) -> dict:
@@ -254,6 +261,8 @@ class Sensitivity:
         self.last_run = dict(measured=0, reused=0, seconds=0.0)  # what the latest run() did
         self.pipe = pipe if pipe is not None else load_pipeline(config.model, progress=False)
         round_weights_to_fp16(self.pipe)  # the baseline every variant is scored against
+        resolve_device(config.probe.device)  # a device this machine lacks: refused before any probe
+        config.probe = config.probe.resolved(self.pipe)  # threads=None: this model's default, recorded
         self.module = getattr(self.pipe, config.component)
         layers = eligible_layers(self.module, config.min_numel)
         if config.only_layers is not None:
@@ -277,7 +286,7 @@ class Sensitivity:
         """What every row depends on (the stamp in sensitivity.json), as the file holds it."""
         c = self.config
         return as_json(dict(model=c.model, component=c.component, weights_hash=self.weights_hash,
-                            probe=asdict(c.probe), min_numel=c.min_numel, palettizer=c.palettizer,
+                            probe=c.probe.key_fields(), min_numel=c.min_numel, palettizer=c.palettizer,
                             torch=torch.__version__))
 
     def _param(self, layer: Layer) -> torch.nn.Parameter:
@@ -328,22 +337,34 @@ class Sensitivity:
         return [(l, s) for l in self.layers for s in self.config.specs
                 if l.supports(s) and (l.module, candidate_name(s)) not in done]
 
-    def run(self) -> pd.DataFrame:
+    def run(self, executor=None) -> pd.DataFrame:
         """Measure every (layer, candidate) not yet in sensitivity.jsonl; return the whole table.
-        Cells already there are reused, so adding a candidate measures only its cells (last_run)."""
+        Cells already there are reused, so adding a candidate measures only its cells (last_run).
+        `executor`: None (here), "dask" or a sdwork.experiments.executors.Dask (each cell a task)."""
+        from sdwork.experiments.executors import executor_for, run_cells
+
+        executor = executor_for(executor)
         work = self.todo()
         start = time.perf_counter()
-        for layer, spec in tqdm(work, desc=f"sensitivity {self.config.component}", unit="run",
-                                disable=not self.progress):
-            t0 = time.perf_counter()
-            dense = self.palettized(layer, spec)
-            row = self._row(layer, spec, dense)
-            row.update(self.measure({layer: dense}), seconds=round(time.perf_counter() - t0, 4))
-            append_row(self.dir / SINGLE, row)
+        if executor is not None:
+            executor.check()
+            run_cells(self, work, executor, self.dir / SINGLE)
+        else:
+            for layer, spec in tqdm(work, desc=f"sensitivity {self.config.component}", unit="run",
+                                    disable=not self.progress):
+                append_row(self.dir / SINGLE, self.measure_cell(layer, spec))
         table = self.table()
         self.last_run = dict(measured=len(work), reused=len(table) - len(work),
                              seconds=round(time.perf_counter() - start, 2))
         return table
+
+    def measure_cell(self, layer: Layer, spec: LayerSpec) -> dict:
+        """The row of one (layer, candidate): the weight palettized alone, the drift it causes."""
+        t0 = time.perf_counter()
+        dense = self.palettized(layer, spec)
+        row = self._row(layer, spec, dense)
+        row.update(self.measure({layer: dense}), seconds=round(time.perf_counter() - t0, 4))
+        return row
 
     def cost(self) -> dict:
         """What the table cost when it was measured: cells and seconds summed over its rows
