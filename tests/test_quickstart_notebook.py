@@ -16,7 +16,7 @@ def test_quickstart_writes_results(tmp_path):
                  steps=4, perturb_bits=8, out_dir=str(out), progress=False)
     table = pd.read_csv(out / "results.csv")
     assert list(table.columns) == ["variant", "image", "prompt", "seed_index", "seed", "psnr", "ssim",
-                                   "clip_image_image", "clip_text_image", "clip_model"]
+                                   "clip_image_image", "clip_text_image", "clip_model", "clip_valid", "scorer_note"]
     assert len(table) == 4 and table.prompt.tolist() == [p for p in PROMPTS for _ in range(2)]
     assert table.seed.tolist() == [0, 1, 0, 1] and (table.variant == "linear 8-bit").all()
     metrics = table[["psnr", "ssim", "clip_image_image", "clip_text_image"]].to_numpy()
