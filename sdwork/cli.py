@@ -36,14 +36,19 @@ def main(argv=None) -> int:
         return 1
 
 
-def _positive(text: str) -> int:
+def _whole(text: str, lo: int, low: str, hint: str = "", fix: str = "") -> int:
+    """An argparse integer of at least `lo`; `low` says what a smaller one should be, `fix` what to do."""
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}; leave --limit out to run every recipe")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number{hint}") from None
+    if n < lo:
+        raise argparse.ArgumentTypeError(f"{low}, got {n}{fix}")
     return n
+
+
+def _positive(text: str) -> int:
+    return _whole(text, 1, "must be at least 1", fix="; leave --limit out to run every recipe")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,23 +112,11 @@ def _folder(text: str) -> str:
 
 
 def _seed(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. --seed 0") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"seeds are 0 or more, got {n}")
-    return n
+    return _whole(text, 0, "seeds are 0 or more", "; give e.g. --seed 0")
 
 
 def _count(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
+    return _whole(text, 1, "must be at least 1")
 
 
 def _side(text: str) -> int:

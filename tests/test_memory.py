@@ -10,7 +10,7 @@ import torch
 from sdwork import hooks
 from sdwork.compress.apply import compress
 from sdwork.compress.recipe import Recipe
-from sdwork.convert.into_torch import iter_package_weights
+from sdwork.coreml.package import iter_package_weights
 from sdwork.coreml.package import package_weights
 from sdwork.evaluate.variant import evaluate, load_variant
 from sdwork.experiments.experiment import Experiment

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sdwork.convert import components as C
-from sdwork.coreml.package import PackageError, base_name, metadata, open_package
+from sdwork.coreml.package import PackageError, iter_package_weights, metadata, open_package
 from sdwork.convert.weightmap import WeightMap, read_weight_map
 from sdwork.weights import fp16_hash
 
@@ -58,50 +58,6 @@ def load_package_into_module(module: torch.nn.Module, component: str, package, s
         raise PackageMismatchError(f"{package} has no constant {missing[0]} (for {by_const[missing[0]][0]}): the "
                                    "package was edited after conversion or its weight map belongs to another package")
     return wm
-
-
-def iter_package_weights(package):
-    """(const name, exact values) of every float constant an op of the package computes with, as
-    package_weights gives them, but one weight at a time: an uncompressed package's straight from
-    weight.bin, a compressed one's constexpr chains decoded by sdwork.coreml.decode (bit-identical
-    to coremltools' definitions) as they are reached."""
-    mlmodel = open_package(package)
-    spec = mlmodel.get_spec()
-    if not any(op.type.startswith("constexpr_") for op in _spec_ops(spec)):
-        yield from _stored_consts(mlmodel, spec)
-        return
-    from sdwork.coreml.decode import is_constexpr, iter_decoded, package_program
-
-    prog = package_program(mlmodel)
-    for fn in prog.functions.values():
-        for op in fn.operations:
-            out = op.outputs[0] if op.op_type == "const" else None
-            if out is None or not any(not is_constexpr(c) for c in out.child_ops):
-                continue  # inputs of a constexpr chain (indices, LUTs) are not weights
-            if isinstance(out.val, np.ndarray) and np.issubdtype(out.val.dtype, np.floating):
-                yield base_name(out.name), out.val
-    for name, value in iter_decoded(prog):
-        yield base_name(name), value
-
-
-def _spec_ops(spec):
-    for fn in spec.mlProgram.functions.values():
-        for block in fn.block_specializations.values():
-            yield from block.operations
-
-
-def _stored_consts(mlmodel, spec):
-    """Float consts read from weight.bin one by one, as coremltools' program loader reads each. A
-    reader per const: its memory map (and the pages it touched) goes with it, so the RSS holds one
-    weight, not the file."""
-    from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
-
-    for op in _spec_ops(spec):
-        if op.type != "const":
-            continue
-        value = _load_value(TranscriptionContext(mlmodel.weights_dir), op.attributes["val"])
-        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
-            yield base_name(op.outputs[0].name), value
 
 
 def _check_same(value: np.ndarray, p: torch.Tensor, const: str, package) -> None:

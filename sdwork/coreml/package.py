@@ -102,6 +102,50 @@ def package_weights(package) -> dict[str, np.ndarray]:
     return out
 
 
+def iter_package_weights(package):
+    """(const name, exact values) of every float constant an op of the package computes with, as
+    package_weights gives them, but one weight at a time: an uncompressed package's straight from
+    weight.bin, a compressed one's constexpr chains decoded by sdwork.coreml.decode (bit-identical
+    to coremltools' definitions) as they are reached."""
+    mlmodel = open_package(package)
+    spec = mlmodel.get_spec()
+    if not any(op.type.startswith("constexpr_") for op in _spec_ops(spec)):
+        yield from _stored_consts(mlmodel, spec)
+        return
+    from sdwork.coreml.decode import is_constexpr, iter_decoded, package_program
+
+    prog = package_program(mlmodel)
+    for fn in prog.functions.values():
+        for op in fn.operations:
+            out = op.outputs[0] if op.op_type == "const" else None
+            if out is None or not any(not is_constexpr(c) for c in out.child_ops):
+                continue  # inputs of a constexpr chain (indices, LUTs) are not weights
+            if isinstance(out.val, np.ndarray) and np.issubdtype(out.val.dtype, np.floating):
+                yield base_name(out.name), out.val
+    for name, value in iter_decoded(prog):
+        yield base_name(name), value
+
+
+def _spec_ops(spec):
+    for fn in spec.mlProgram.functions.values():
+        for block in fn.block_specializations.values():
+            yield from block.operations
+
+
+def _stored_consts(mlmodel, spec):
+    """Float consts read from weight.bin one by one, as coremltools' program loader reads each. A
+    reader per const: its memory map (and the pages it touched) goes with it, so the RSS holds one
+    weight, not the file."""
+    from coremltools.converters.mil.frontend.milproto.load import TranscriptionContext, _load_value
+
+    for op in _spec_ops(spec):
+        if op.type != "const":
+            continue
+        value = _load_value(TranscriptionContext(mlmodel.weights_dir), op.attributes["val"])
+        if isinstance(value, np.ndarray) and np.issubdtype(value.dtype, np.floating):
+            yield base_name(op.outputs[0].name), value
+
+
 def _load_program(mlmodel):
     """The package as a pymil Program with every constexpr op replaced by its dense const."""
     from coremltools.converters.mil.frontend.milproto.load import load as milproto_load
