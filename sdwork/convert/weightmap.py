@@ -155,6 +155,10 @@ def _is_identity(name: str, p: torch.Tensor) -> bool:
     return False
 
 
+# tensors smaller than this keep an underflowing nonzero value as the smallest subnormal (coreml_fp16)
+COREML_UNDERFLOW_BELOW = 400
+
+
 def coreml_fp16(a: np.ndarray) -> np.ndarray:
     """fp16 as coremltools' fp16 pass stores a weight: round to nearest even, except that in a tensor
     of fewer than 400 elements a nonzero value that underflows to 0 becomes the smallest subnormal of
@@ -162,7 +166,7 @@ def coreml_fp16(a: np.ndarray) -> np.ndarray:
     (about 1e-6 and below: softmax ignores them) hit this."""
     a = np.asarray(a, dtype=np.float32)
     h = a.astype(np.float16)
-    if a.size < 400:
+    if a.size < COREML_UNDERFLOW_BELOW:
         tiny = np.nextafter(np.float16(0), np.float16(1))
         under = (np.abs(a) > np.nextafter(np.float32(0), np.float32(1))) & (np.abs(h) <= tiny)
         h = np.where(under, np.copysign(tiny, a).astype(np.float16), h)

@@ -81,17 +81,12 @@ def _load(pipe, comp: str, package, same_weights: bool = True) -> None:
     load_package_into_module(C.torch_module(pipe, comp), comp, package, same_weights=same_weights)
 
 
-# coremltools' fp16 pass keeps a nonzero value that underflows as the smallest subnormal in tensors
-# of fewer elements (sdwork.convert.weightmap.coreml_fp16): those differ from the plain rounding
-_COREML_EXACT_MIN = 400
-
-
 @torch.no_grad()
 def _keep_aside(pipe, comp: str, package, full: bool) -> dict:
     """{parameter name: its value} of what restoring from the fp16 package would not give back
     exactly (everything the package maps when full); fp16 where that is lossless."""
     from sdwork.convert import components as C
-    from sdwork.convert.weightmap import read_weight_map
+    from sdwork.convert.weightmap import COREML_UNDERFLOW_BELOW, read_weight_map
 
     params = dict(C.torch_module(pipe, comp).named_parameters())
     kept = {}
@@ -99,7 +94,7 @@ def _keep_aside(pipe, comp: str, package, full: bool) -> dict:
         p = params[name]
         half = p.to(torch.float16)
         exact = torch.equal(half.to(p.dtype), p)
-        if full or not exact or p.numel() < _COREML_EXACT_MIN:
+        if full or not exact or p.numel() < COREML_UNDERFLOW_BELOW:
             kept[name] = half if exact else p.clone()
     return kept
 
